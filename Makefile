@@ -1,0 +1,56 @@
+# modeldeploy: every entry point a developer or CI needs.
+#   make demo   - local control plane, CRD, operator, example rollout (see README)
+#   make test   - unit, cluster and Triton tiers against real components
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
+CLUSTER_DIR ?= .cluster
+PYTEST_ARGS ?=
+
+.PHONY: help venv binaries cluster-up cluster-down demo test test-unit lint typecheck crds check-crds bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv with the package and test tools
+
+binaries: ## build the Go control-plane binaries once, cached under $(MODELDEPLOY_CACHE)
+	hack/build-binaries.sh all
+
+cluster-up: venv binaries ## start the local control plane in the background (kubeconfig: .cluster/kubeconfig)
+	$(PY) hack/localcluster.py up --dir $(CLUSTER_DIR)
+
+cluster-down: ## stop the local control plane
+	@if [ -x $(PY) ]; then $(PY) hack/localcluster.py down --dir $(CLUSTER_DIR); fi
+
+demo: venv binaries ## the main job on the local cluster
+	hack/demo.sh
+
+test: venv binaries ## run every test tier (cluster tests included)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv ## pure unit tests only, no cluster
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: venv ## ruff lint + format check
+	$(VENV)/bin/ruff check operator tests hack
+	$(VENV)/bin/ruff format --check operator tests hack
+
+typecheck: venv ## mypy --strict on the package
+	$(VENV)/bin/mypy
+
+crds: venv ## regenerate crds/ from the typed spec model
+	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
+
+clean: cluster-down ## remove local state (not the binary cache)
+	rm -rf $(CLUSTER_DIR) .pytest_cache .mypy_cache .ruff_cache

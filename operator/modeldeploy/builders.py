@@ -1,0 +1,463 @@
+"""What a ModelDeployment becomes: pure builders of every child object.
+
+Each builder takes the parsed spec plus the facts it needs (revision, replicas,
+which revision is stable) and returns a plain dict ready for server-side apply.
+Nothing here talks to the cluster; ``modeldeploy render`` prints these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import api, tritonconfig
+
+MANAGER = "modeldeploy-operator"
+LABEL_NAME = "modeldeploy.io/name"
+LABEL_REVISION = "modeldeploy.io/revision"
+ANNOTATION_REVISION_NUMBER = "modeldeploy.io/revision-number"
+COMPONENT_SERVER = "triton-server"
+
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+MODEL_REPO_DIR = "/models"
+CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/storage"
+CONFIG_DIR = "/etc/modeldeploy/config"
+PVC_MOUNT_DIR = "/mnt/model-pvc"
+NATIVE_SCHEMES = {"s3", "gs", "as"}
+DEFAULT_STAGER_IMAGE = "ghcr.io/modeldeploy/operator:0.1.0"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ModelDeployment that owns the children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def model_name(owner: Owner, spec: api.ModelDeploymentSpec) -> str:
+    return spec.model.name or owner.name
+
+
+def common_labels(owner: Owner, spec: api.ModelDeploymentSpec, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "triton-inference-server",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/version": str(spec.model.version),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGER,
+        LABEL_NAME: owner.name,
+    }
+
+
+def revision_labels(owner: Owner, spec: api.ModelDeploymentSpec, rev: str) -> dict[str, str]:
+    return {**common_labels(owner, spec, COMPONENT_SERVER), LABEL_REVISION: rev}
+
+
+def _meta(owner: Owner, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
+          ) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels,
+        "ownerReferences": [owner.reference()],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# --------------------------------------------------------------------------- names
+
+
+def deployment_name(owner: Owner, rev: str, strategy: api.Strategy) -> str:
+    """Rolling updates one Deployment in place; the others get one per revision."""
+    return owner.name if strategy == api.Strategy.rolling else f"{owner.name}-{rev}"
+
+
+def config_map_name(owner: Owner, rev: str) -> str:
+    return f"{owner.name}-{rev}-config"
+
+
+def service_names(owner: Owner, strategy: api.Strategy) -> dict[str, str]:
+    """Role -> Service name. ``main`` carries the serving traffic."""
+    if strategy == api.Strategy.blue_green:
+        return {"main": owner.name, "preview": f"{owner.name}-preview"}
+    return {"main": owner.name, "stable": f"{owner.name}-stable", "canary": f"{owner.name}-canary"}
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def needs_staging(spec: api.ModelDeploymentSpec) -> bool:
+    """Triton reads s3/gs/as itself; everything else, and any repository we must add a
+    rendered config.pbtxt to, is staged by an init container into an emptyDir."""
+    return spec.model.scheme not in NATIVE_SCHEMES or spec.model.config is not None
+
+
+def repository_path(spec: api.ModelDeploymentSpec) -> str:
+    if needs_staging(spec):
+        return MODEL_REPO_DIR
+    return spec.model.storage_uri
+
+
+def pvc_claim(spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
+    """('claim', 'sub/path') for pvc:// URIs."""
+    if spec.model.scheme != "pvc":
+        return None
+    rest = spec.model.storage_uri.split("://", 1)[1]
+    claim, _, path = rest.partition("/")
+    return claim, path
+
+
+def triton_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
+    return [
+        "tritonserver",
+        f"--model-repository={repository_path(spec)}",
+        "--model-control-mode=explicit",
+        f"--load-model={model_name(owner, spec)}",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        "--allow-metrics=true",
+        *spec.server.args,
+    ]
+
+
+def _credentials_env(spec: api.ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(envFrom, env) that reference the credentials Secret; its values are never copied."""
+    secret = spec.model.credentials_secret
+    if not secret:
+        return [], []
+    env_from = [{"secretRef": {"name": secret}}]
+    env: list[dict[str, Any]] = []
+    if spec.model.scheme == "gs":
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/service-account.json"})
+    return env_from, env
+
+
+def _env(items: list[api.EnvVar]) -> list[dict[str, Any]]:
+    return [e.model_dump(by_alias=True, exclude_none=True) for e in items]
+
+
+def _probe(path: str, *, period: int, failures: int, initial: int = 0, timeout: int = 5) -> dict[str, Any]:
+    probe: dict[str, Any] = {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+    if initial:
+        probe["initialDelaySeconds"] = initial
+    return probe
+
+
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def build_pod_template(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *,
+                       stager_image: str = DEFAULT_STAGER_IMAGE) -> dict[str, Any]:
+    server = spec.server
+    name = model_name(owner, spec)
+    version = spec.model.version
+    ready_path = f"/v2/models/{name}/versions/{version}/ready"
+    env_from, cred_env = _credentials_env(spec)
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": server.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.model.credentials_secret:
+        volumes.append({"name": "storage-credentials", "secret": {"secretName": spec.model.credentials_secret}})
+    claim = pvc_claim(spec)
+    if claim:
+        volumes.append({"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim[0], "readOnly": True}})
+
+    init_containers: list[dict[str, Any]] = []
+    if needs_staging(spec):
+        volumes.append({"name": "models", "emptyDir": {}})
+        mounts.append({"name": "models", "mountPath": MODEL_REPO_DIR, "readOnly": True})
+        stage_mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MODEL_REPO_DIR}]
+        stage_args = [
+            "stage",
+            f"--uri={spec.model.storage_uri}",
+            f"--dest={MODEL_REPO_DIR}",
+            f"--model={name}",
+            f"--version={version}",
+        ]
+        if spec.model.config is not None:
+            volumes.append({"name": "model-config", "configMap": {"name": config_map_name(owner, rev)}})
+            stage_mounts.append({"name": "model-config", "mountPath": CONFIG_DIR, "readOnly": True})
+            stage_args.append(f"--config={CONFIG_DIR}/config.pbtxt")
+        if claim:
+            stage_mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT_DIR, "readOnly": True})
+            stage_args.append(f"--pvc-root={PVC_MOUNT_DIR}")
+        if spec.model.credentials_secret:
+            stage_mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+            stage_args.append(f"--credentials-dir={CREDENTIALS_DIR}")
+        init_containers.append({
+            "name": "stage-model",
+            "image": stager_image,
+            "args": stage_args,
+            "volumeMounts": stage_mounts,
+            "securityContext": RESTRICTED_CONTAINER_SECURITY,
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        })
+    else:
+        if spec.model.credentials_secret:
+            mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+        if claim:
+            mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT_DIR, "readOnly": True})
+
+    container: dict[str, Any] = {
+        "name": "triton",
+        "image": server.image,
+        "args": triton_args(owner, spec),
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "startupProbe": _probe(ready_path, period=10, failures=60),
+        "readinessProbe": _probe(ready_path, period=5, failures=3),
+        "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
+        "volumeMounts": mounts,
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+    }
+    if server.image_pull_policy:
+        container["imagePullPolicy"] = server.image_pull_policy
+    env = cred_env + _env(server.env)
+    if env:
+        container["env"] = env
+    if env_from and not needs_staging(spec):
+        container["envFrom"] = env_from
+    if init_containers and env_from:
+        init_containers[0]["envFrom"] = env_from
+    if server.resources is not None:
+        container["resources"] = server.resources.model_dump(by_alias=True, exclude_none=True)
+
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": RESTRICTED_POD_SECURITY,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
+    if server.node_selector:
+        pod_spec["nodeSelector"] = dict(server.node_selector)
+    if server.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in server.tolerations]
+    if server.affinity:
+        pod_spec["affinity"] = server.affinity
+    if server.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = server.topology_spread_constraints
+    if server.service_account_name:
+        pod_spec["serviceAccountName"] = server.service_account_name
+    if server.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in server.image_pull_secrets]
+
+    labels = {**(server.pod_labels or {}), **revision_labels(owner, spec, rev)}
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        **(server.pod_annotations or {}),
+    }
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+
+
+def build_deployment(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *, revision_number: int,
+                     replicas: int | None, stager_image: str = DEFAULT_STAGER_IMAGE) -> dict[str, Any]:
+    """The Triton Deployment of one revision. ``replicas=None`` leaves the field to the HPA."""
+    strategy = spec.rollout.strategy
+    selector = {LABEL_NAME: owner.name}
+    if strategy != api.Strategy.rolling:
+        selector[LABEL_REVISION] = rev
+    max_unavailable = spec.rollout.max_unavailable
+    if max_unavailable is None:
+        max_unavailable = 0 if spec.gpu_count or strategy != api.Strategy.rolling else 1
+    max_surge = spec.rollout.max_surge if spec.rollout.max_surge is not None else 1
+    if max_surge == 0 and max_unavailable == 0:
+        max_surge = 1
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector},
+        "strategy": {"type": "RollingUpdate",
+                     "rollingUpdate": {"maxSurge": max_surge, "maxUnavailable": max_unavailable}},
+        "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
+        "revisionHistoryLimit": 2,
+        "template": build_pod_template(owner, spec, rev, stager_image=stager_image),
+    }
+    if replicas is not None:
+        dep_spec["replicas"] = replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, deployment_name(owner, rev, strategy), revision_labels(owner, spec, rev),
+                          {ANNOTATION_REVISION_NUMBER: str(revision_number)}),
+        "spec": dep_spec,
+    }
+
+
+def build_config_map(owner: Owner, spec: api.ModelDeploymentSpec, rev: str) -> dict[str, Any] | None:
+    """The rendered config.pbtxt of one revision, when the spec gives a model config."""
+    if spec.model.config is None:
+        return None
+    text = tritonconfig.render_config_pbtxt(model_name(owner, spec), spec.model)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, config_map_name(owner, rev), revision_labels(owner, spec, rev)),
+        "data": {"config.pbtxt": text},
+    }
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _service_ports(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    ports: list[dict[str, Any]] = []
+    if spec.service.ports.http:
+        ports.append({"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"})
+    if spec.service.ports.grpc:
+        ports.append({"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                      "appProtocol": "grpc"})
+    if spec.service.ports.metrics:
+        ports.append({"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"})
+    return ports
+
+
+def build_services(owner: Owner, spec: api.ModelDeploymentSpec, *, stable: str, candidate: str | None
+                   ) -> list[dict[str, Any]]:
+    """The main Service plus direct-access Services.
+
+    Canary and Rolling: the main Service selects every ready pod of the model, so traffic
+    splits by replica ratio. BlueGreen: the main Service selects the active revision only;
+    promotion flips it. ``NAME-stable``/``NAME-canary`` (``NAME-preview``) give direct access.
+    """
+    strategy = spec.rollout.strategy
+    base = {LABEL_NAME: owner.name, "app.kubernetes.io/component": COMPONENT_SERVER}
+    names = service_names(owner, strategy)
+    selectors: dict[str, dict[str, str]] = {}
+    if strategy == api.Strategy.blue_green:
+        selectors["main"] = {**base, LABEL_REVISION: stable}
+        selectors["preview"] = {**base, LABEL_REVISION: candidate or stable}
+    else:
+        selectors["main"] = base
+        selectors["stable"] = {**base, LABEL_REVISION: stable}
+        selectors["canary"] = {**base, LABEL_REVISION: candidate or stable}
+    out = []
+    for role, name in names.items():
+        svc_spec: dict[str, Any] = {"selector": selectors[role], "ports": _service_ports(spec)}
+        annotations = None
+        if role == "main":
+            svc_spec["type"] = spec.service.type
+            annotations = dict(spec.service.annotations) if spec.service.annotations else None
+        labels = {**common_labels(owner, spec, "service"), "modeldeploy.io/role": role}
+        out.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, name, labels, annotations),
+                    "spec": svc_spec})
+    return out
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def build_hpa(owner: Owner, spec: api.ModelDeploymentSpec, *, target: str, min_replicas: int | None = None
+              ) -> dict[str, Any] | None:
+    """HPA on the stable Deployment. ``min_replicas`` can freeze the floor during a rollout."""
+    auto = spec.autoscaling
+    if auto is None:
+        return None
+    metrics: list[dict[str, Any]] = []
+    if auto.target_cpu_utilization is not None:
+        metrics.append({"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization}}})
+    if auto.queue_time_microseconds is not None:
+        metrics.append({"type": "Pods", "pods": {
+            "metric": {"name": "avg_time_queue_us"},
+            "target": {"type": "AverageValue", "averageValue": str(auto.queue_time_microseconds)}}})
+    if auto.pending_requests is not None:
+        metrics.append({"type": "Pods", "pods": {
+            "metric": {"name": "nv_inference_pending_request_count"},
+            "target": {"type": "AverageValue", "averageValue": str(auto.pending_requests)}}})
+    if auto.gpu_utilization is not None:
+        metrics.append({"type": "External", "external": {
+            "metric": {"name": "nv_gpu_utilization", "selector": {"matchLabels": {LABEL_NAME: owner.name}}},
+            "target": {"type": "Value", "value": str(auto.gpu_utilization)}}})
+    floor = max(auto.min_replicas, min(min_replicas or 0, auto.max_replicas))
+    hpa_spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+        "minReplicas": floor,
+        "maxReplicas": auto.max_replicas,
+        "metrics": metrics,
+    }
+    if auto.behavior:
+        hpa_spec["behavior"] = auto.behavior
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(owner, owner.name, common_labels(owner, spec, "autoscaler")),
+        "spec": hpa_spec,
+    }
+
+
+def build_pdb(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any] | None:
+    pdb = spec.pod_disruption_budget
+    if pdb is None or not pdb.enabled:
+        return None
+    pdb_spec: dict[str, Any] = {
+        "selector": {"matchLabels": {LABEL_NAME: owner.name, "app.kubernetes.io/component": COMPONENT_SERVER}},
+    }
+    if pdb.min_available is not None:
+        pdb_spec["minAvailable"] = pdb.min_available
+    else:
+        pdb_spec["maxUnavailable"] = pdb.max_unavailable if pdb.max_unavailable is not None else 1
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, owner.name, common_labels(owner, spec, "disruption-budget")),
+        "spec": pdb_spec,
+    }
+
+
+def endpoints(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, str]:
+    host = f"{owner.name}.{owner.namespace}.svc"
+    out = {}
+    if spec.service.ports.http:
+        out["http"] = f"http://{host}:{HTTP_PORT}"
+    if spec.service.ports.grpc:
+        out["grpc"] = f"{host}:{GRPC_PORT}"
+    if spec.service.ports.metrics:
+        out["metrics"] = f"http://{host}:{METRICS_PORT}/metrics"
+    return out

@@ -1,0 +1,97 @@
+"""Command line: ``modeldeploy render|crd|stage`` and ``modeldeploy-operator run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import pydantic
+import yaml
+
+from . import __version__, api, builders, crdgen, revision
+
+
+def render(doc: dict[str, Any], namespace: str | None = None) -> list[dict[str, Any]]:
+    """Every object the operator creates for a new ModelDeployment (first revision), offline."""
+    meta = doc.get("metadata") or {}
+    if doc.get("kind") != api.KIND:
+        raise SystemExit(f"error: kind must be {api.KIND}, got {doc.get('kind')!r}")
+    spec = api.ModelDeploymentSpec.model_validate(doc.get("spec") or {})
+    owner = builders.Owner(name=meta["name"], namespace=namespace or meta.get("namespace") or "default",
+                           uid="00000000-0000-0000-0000-000000000000")
+    rev = revision.revision_hash(spec)
+    objs: list[dict[str, Any]] = []
+    cm = builders.build_config_map(owner, spec, rev)
+    if cm:
+        objs.append(cm)
+    objs.append(builders.build_deployment(owner, spec, rev, revision_number=1,
+                                          replicas=None if spec.autoscaling else spec.effective_replicas))
+    objs.extend(builders.build_services(owner, spec, stable=rev, candidate=None))
+    hpa = builders.build_hpa(owner, spec, target=builders.deployment_name(owner, rev, spec.rollout.strategy))
+    if hpa:
+        objs.append(hpa)
+    pdb = builders.build_pdb(owner, spec)
+    if pdb:
+        objs.append(pdb)
+    return objs
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    with open(args.filename) if args.filename != "-" else sys.stdin as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d]
+    out: list[dict[str, Any]] = []
+    try:
+        for doc in docs:
+            out.extend(render(doc, args.namespace))
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            print(f"error: spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}", file=sys.stderr)
+        return 1
+    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    if args.show_config:
+        for obj in out:
+            if obj["kind"] == "ConfigMap":
+                print(f"# config.pbtxt of {obj['metadata']['name']}:\n{obj['data']['config.pbtxt']}",
+                      file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modeldeploy", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="print every object the operator would create (no cluster needed)")
+    r.add_argument("-f", "--filename", required=True, help="ModelDeployment manifest, or - for stdin")
+    r.add_argument("-n", "--namespace", default=None)
+    r.add_argument("--show-config", action="store_true", help="also print config.pbtxt to stderr")
+    r.set_defaults(fn=_cmd_render)
+    c = sub.add_parser("crd", help="print the CRD generated from the typed API")
+    c.set_defaults(fn=lambda _a: sys.stdout.write(crdgen.render_crd_yaml()) and 0)
+    s = sub.add_parser("stage", help="init container: fetch a model repository into a directory")
+    from . import staging
+
+    staging.add_arguments(s)
+    s.set_defaults(fn=staging.main)
+    o = sub.add_parser("operator", help="run the operator (same as modeldeploy-operator run)")
+    o.add_argument("kopf_args", nargs=argparse.REMAINDER)
+    o.set_defaults(fn=lambda a: operator_main(["run", *a.kopf_args]))
+    args = parser.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+def operator_main(argv: list[str] | None = None) -> int:
+    """``modeldeploy-operator run [kopf run options]``: kopf with our handlers module.
+    Without -n/--namespace it watches all namespaces."""
+    import kopf.cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "run":
+        print("usage: modeldeploy-operator run [-n NS ...|-A] [--standalone|--peering NAME] "
+              "[--liveness URL] [-v]", file=sys.stderr)
+        return 2
+    rest = argv[1:]
+    if not any(a in ("-A", "--all-namespaces") or a.startswith(("-n", "--namespace")) for a in rest):
+        rest.append("--all-namespaces")
+    kopf.cli.main(["run", "-m", "modeldeploy.handlers", *rest], standalone_mode=False)
+    return 0

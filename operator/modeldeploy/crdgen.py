@@ -1,0 +1,163 @@
+"""Generate the ModelDeployment CRD from the typed API model (the one source of truth).
+
+pydantic's JSON schema is turned into a Kubernetes *structural* openAPIV3Schema:
+``$ref``s are inlined, ``Optional`` unions collapsed, titles and defaults dropped
+(the operator applies defaults when it parses, so ``has()`` in CEL rules sees what the
+user wrote), free-form objects marked ``x-kubernetes-preserve-unknown-fields``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from . import api
+
+MAX_NAME_LENGTH = 55  # NAME-preview, NAME-canary must stay DNS-1035 labels (<= 63)
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Ready", "type": "string", "jsonPath": ".status.ready", "description": "Ready/desired pods."},
+    {"name": "Version", "type": "integer", "jsonPath": ".status.servingVersion",
+     "description": "Model version serving stable traffic."},
+    {"name": "Strategy", "type": "string", "jsonPath": ".status.strategy", "description": "Rollout strategy."},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {"name": "Weight", "type": "integer", "jsonPath": ".status.canaryWeight",
+     "description": "Percent of traffic on the candidate."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Stable", "type": "integer", "jsonPath": ".status.stableRevision", "priority": 1,
+     "description": "Stable revision."},
+    {"name": "Candidate", "type": "integer", "jsonPath": ".status.candidateRevision", "priority": 1,
+     "description": "Candidate revision."},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.currentStep", "priority": 1,
+     "description": "Canary step index."},
+]
+
+_DROP = {"title", "default", "examples"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+        target.update({k: v for k, v in node.items() if k == "description"})
+        node = {**{k: v for k, v in node.items() if k != "description"}, **target}
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"union types are not structural: {options}")
+        merged = dict(options[0])
+        merged.update(node)
+        node = merged
+        if "$ref" in node:
+            return _structural(node, defs)
+    if "allOf" in node and len(node["allOf"]) == 1:
+        merged = dict(node.pop("allOf")[0])
+        merged.update(node)
+        return _structural(merged, defs)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "additionalProperties":
+            if value is False:
+                continue
+            if value is True or value == {}:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+                continue
+            out[key] = _structural(value, defs)
+        elif key == "properties":
+            out[key] = {k: _structural(v, defs) for k, v in value.items()}
+        elif key == "items":
+            out[key] = _structural(value, defs)
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "properties" in out and "additionalProperties" in out:
+        del out["additionalProperties"]
+    if out.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" in out:
+        del out["additionalProperties"]
+    return out
+
+
+def schema_of(model: type[api.BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return _structural(raw, defs)  # type: ignore[no-any-return]
+
+
+def openapi_schema() -> dict[str, Any]:
+    spec = schema_of(api.ModelDeploymentSpec)
+    status = schema_of(api.ModelDeploymentStatus)
+    return {
+        "type": "object",
+        "description": "ModelDeployment serves one model on NVIDIA Triton Inference Server and rolls new "
+        "versions out progressively (canary, blue-green, rolling), gated on model health and Triton "
+        "metrics, with automatic rollback.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "modeldeploy.io/v1alpha1"},
+            "kind": {"type": "string", "description": "ModelDeployment"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [
+            api.cel(
+                f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+                f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+                "(Services NAME-canary and NAME-preview are derived from it)",
+            )
+        ],
+    }
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "modeldeploy", "app.kubernetes.io/part-of": "modeldeploy"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["all", "modeldeploy"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
+
+
+def render_crd_yaml() -> str:
+    header = "# Generated by `make crds` from operator/modeldeploy/api.py. Do not edit by hand.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=120)

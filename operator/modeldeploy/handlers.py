@@ -1,0 +1,166 @@
+"""kopf entry points: thin. They translate kopf's callbacks into the reconciler's terms.
+
+Design: kopf does the watching, login, health probe, peering and Event posting. Each
+watch event (of a ModelDeployment or of a child we label) lands in a watch cache and
+enqueues the owning ModelDeployment into a coalescing work queue; a periodic resync
+enqueues every ModelDeployment. The reconcile itself is level-triggered and lives in
+:mod:`modeldeploy.reconcile`. We use ``on.event`` handlers only, so kopf keeps no
+per-object state of its own (no finalizers, no diff-base annotations): deleting a
+ModelDeployment never waits for the operator, and garbage collection removes the
+children through their ownerReferences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from . import api, builders, metrics
+from .kube import Kube
+from .reconcile import Cache, Reconciler, WorkQueue
+
+log = logging.getLogger("modeldeploy")
+
+MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGER}
+CHILD_RESOURCES = [
+    ("apps", "v1", "deployments"),
+    ("", "v1", "pods"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("policy", "v1", "poddisruptionbudgets"),
+]
+
+
+class Operator:
+    """Process-wide state: created at startup, torn down at cleanup."""
+
+    def __init__(self) -> None:
+        self.cache = Cache()
+        self.kube: Kube | None = None
+        self.reconciler: Reconciler | None = None
+        self.queue: WorkQueue | None = None
+        self.resync_task: asyncio.Task[None] | None = None
+        self.resync_seconds = float(os.environ.get("MODELDEPLOY_RESYNC_SECONDS", "60"))
+
+
+OP = Operator()
+
+
+async def _login() -> kopf.ConnectionInfo:
+    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    if info is None:
+        raise kopf.LoginError("no credentials: neither in-cluster service account nor kubeconfig found")
+    return info
+
+
+@kopf.on.login()
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    return await _login()
+
+
+def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    try:
+        kopf.event(body, type=type_, reason=reason, message=message)  # type: ignore[arg-type]
+    except Exception:  # posting Events is best-effort; the status carries the same facts
+        log.warning("could not post event %s for %s", reason, body["metadata"].get("name"))
+    metrics.observe_event(body, reason)
+
+
+async def _reconcile(namespace: str, name: str) -> None:
+    assert OP.reconciler is not None and OP.queue is not None
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            outcome = await OP.reconciler.reconcile(namespace, name)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+    metrics.RECONCILES.inc()
+    md = OP.cache.get(api.KIND, namespace, name)
+    if md is not None:
+        metrics.observe_status(md)
+    if outcome.requeue_after is not None:
+        OP.queue.add((namespace, name), delay=outcome.requeue_after)
+
+
+async def _resync() -> None:
+    while True:
+        await asyncio.sleep(OP.resync_seconds)
+        assert OP.queue is not None
+        for key in OP.cache.keys(api.KIND):
+            OP.queue.add(key)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own prefixes; kopf keeps no business state (we only use on.event handlers).
+    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{api.GROUP}")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=f"kopf.{api.GROUP}")
+    # Explicit timeouts: watch stalls behind load balancers are a known kopf pitfall (#204, #698).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.posting.level = logging.INFO
+    settings.batching.worker_limit = None
+    OP.kube = Kube(await _login(), relogin=_login)
+    OP.reconciler = Reconciler(OP.kube, OP.cache, post_event=_post_event,
+                               stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE",
+                                                           builders.DEFAULT_STAGER_IMAGE))
+    OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "8")))
+    OP.queue.start()
+    OP.resync_task = asyncio.create_task(_resync())
+    metrics.start_server()
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if OP.resync_task is not None:
+        OP.resync_task.cancel()
+    if OP.queue is not None:
+        await OP.queue.stop()
+    if OP.kube is not None:
+        await OP.kube.close()
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+async def modeldeployment_event(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any
+                                ) -> None:
+    if event.get("type") == "DELETED":
+        OP.cache.delete(api.KIND, namespace, name)
+        metrics.forget(namespace, name)
+        return
+    obj = dict(body)
+    obj.setdefault("kind", api.KIND)
+    OP.cache.put(obj)
+    if OP.queue is not None:
+        OP.queue.add((namespace, name))
+
+
+def _register_child(group: str, version: str, plural: str) -> None:
+    kind = {"deployments": "Deployment", "pods": "Pod", "services": "Service", "configmaps": "ConfigMap",
+            "horizontalpodautoscalers": "HorizontalPodAutoscaler",
+            "poddisruptionbudgets": "PodDisruptionBudget"}[plural]
+
+    async def child_event(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            OP.cache.delete(kind, namespace, name)
+        else:
+            obj = dict(body)
+            obj.setdefault("kind", kind)
+            OP.cache.put(obj)
+        owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_NAME)
+        if owner and OP.queue is not None:
+            OP.queue.add((namespace, owner))
+
+    where = (group, version, plural) if group else (version, plural)
+    kopf.on.event(*where, labels=MANAGED, id=f"watch-{plural}")(child_event)
+
+
+for _group, _version, _plural in CHILD_RESOURCES:
+    _register_child(_group, _version, _plural)

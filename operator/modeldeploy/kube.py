@@ -1,0 +1,203 @@
+"""A small async Kubernetes client for the operator's own reads and writes.
+
+kopf watches and posts Events; children are written here with server-side apply under
+one field manager. The client is deliberately thin (aiohttp, which kopf already uses):
+it knows the few resource kinds the operator owns, retries throttling and transient
+errors with backoff, and counts every write so "steady state writes nothing" is
+measurable (``modeldeploy_api_writes_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import kopf
+from prometheus_client import Counter
+
+from .builders import MANAGER
+
+log = logging.getLogger(__name__)
+
+WRITES = Counter("modeldeploy_api_writes_total", "Write requests sent to the API server", ["verb", "kind"])
+ERRORS = Counter("modeldeploy_api_errors_total", "API requests that failed", ["verb", "kind", "code"])
+
+# kind -> (api prefix, plural, namespaced)
+RESOURCES: dict[str, tuple[str, str, bool]] = {
+    "Deployment": ("/apis/apps/v1", "deployments", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "Secret": ("/api/v1", "secrets", True),
+    "Pod": ("/api/v1", "pods", True),
+    "EndpointSlice": ("/apis/discovery.k8s.io/v1", "endpointslices", True),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "ModelDeployment": ("/apis/modeldeploy.io/v1alpha1", "modeldeployments", True),
+    "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes", True),
+    "GRPCRoute": ("/apis/gateway.networking.k8s.io/v1", "grpcroutes", True),
+    "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors", True),
+    "CustomResourceDefinition": ("/apis/apiextensions.k8s.io/v1", "customresourcedefinitions", False),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str, what: str) -> None:
+        super().__init__(f"{what}: HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+def path_for(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    prefix, plural, namespaced = RESOURCES[kind]
+    path = prefix
+    if namespaced and namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+def _write_temp(data: str | bytes) -> str:
+    raw = data if isinstance(data, bytes) else data.encode()
+    if not raw.lstrip().startswith(b"-----"):
+        raw = base64.b64decode(raw)
+    fd, path = tempfile.mkstemp(prefix="modeldeploy-", suffix=".pem")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    return path
+
+
+def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    ctx = ssl.create_default_context()
+    if info.ca_path:
+        ctx.load_verify_locations(cafile=os.fsdecode(info.ca_path))
+    elif info.ca_data:
+        ca = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
+        if not ca.lstrip().startswith("-----"):
+            ca = base64.b64decode(ca).decode()
+        ctx.load_verify_locations(cadata=ca)
+    cert = os.fsdecode(info.certificate_path) if info.certificate_path else None
+    key = os.fsdecode(info.private_key_path) if info.private_key_path else None
+    if cert is None and info.certificate_data:
+        cert = _write_temp(info.certificate_data)
+    if key is None and info.private_key_data:
+        key = _write_temp(info.private_key_data)
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Kube:
+    """Async API client bound to one set of credentials."""
+
+    def __init__(self, info: kopf.ConnectionInfo, *, relogin: Callable[[], Awaitable[kopf.ConnectionInfo]] | None
+                 = None, request_timeout: float = 30.0) -> None:
+        self._info = info
+        self._relogin = relogin
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self.writes = 0
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Accept": "application/json", "User-Agent": f"{MANAGER}/0.1"}
+        if self._info.token:
+            h["Authorization"] = f"Bearer {self._info.token}"
+        elif self._info.username and self._info.password:
+            auth = base64.b64encode(f"{self._info.username}:{self._info.password}".encode()).decode()
+            h["Authorization"] = f"Basic {auth}"
+        return h
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=ssl_context(self._info), limit=32)
+            self._session = aiohttp.ClientSession(self._info.server.rstrip("/"), connector=connector,
+                                                  timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, path: str, *, kind: str = "", params: dict[str, str] | None = None,
+                      body: Any = None, content_type: str = "application/json", ok404: bool = False) -> Any:
+        data = None if body is None else json.dumps(body)
+        write = method in ("POST", "PUT", "PATCH", "DELETE")
+        delay = 0.2
+        for attempt in range(8):
+            session = await self.session()
+            headers = self._headers()
+            if data is not None:
+                headers["Content-Type"] = content_type
+            try:
+                if write:
+                    self.writes += 1
+                    WRITES.labels(method.lower(), kind).inc()
+                async with session.request(method, path, params=params, data=data, headers=headers) as resp:
+                    text = await resp.text()
+                    if resp.status < 300:
+                        return json.loads(text) if text else None
+                    if resp.status == 404 and ok404:
+                        return None
+                    ERRORS.labels(method.lower(), kind, str(resp.status)).inc()
+                    if resp.status == 401 and self._relogin is not None and attempt == 0:
+                        self._info = await self._relogin()
+                        await self.close()
+                        continue
+                    if resp.status in (429, 500, 502, 503, 504) and attempt < 7:
+                        retry_after = resp.headers.get("Retry-After")
+                        await asyncio.sleep(float(retry_after) if retry_after else delay)
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    raise ApiError(resp.status, text, f"{method} {path}")
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                ERRORS.labels(method.lower(), kind, "connection").inc()
+                if attempt >= 7:
+                    raise ApiError(0, str(exc), f"{method} {path}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise ApiError(0, "retries exhausted", f"{method} {path}")
+
+    # ---------------------------------------------------------------- typed helpers
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self.request(
+            "GET", path_for(kind, namespace, name), kind=kind, ok404=True)
+        return result
+
+    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None
+                   ) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        result = await self.request("GET", path_for(kind, namespace), kind=kind, params=params, ok404=True)
+        return list(result.get("items", [])) if result else []
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply under our single field manager (force: we own our fields)."""
+        meta = obj["metadata"]
+        result: dict[str, Any] = await self.request(
+            "PATCH", path_for(obj["kind"], meta.get("namespace"), meta["name"]), kind=obj["kind"],
+            params={"fieldManager": MANAGER, "force": "true"}, body=obj,
+            content_type="application/apply-patch+yaml")
+        return result
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "PATCH", path_for(kind, namespace, name, "status"), kind=kind, body={"status": status},
+            content_type="application/merge-patch+json")
+        return result
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        await self.request("DELETE", path_for(kind, namespace, name), kind=kind, ok404=True,
+                           body={"propagationPolicy": "Background"})

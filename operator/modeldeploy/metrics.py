@@ -1,0 +1,51 @@
+"""The operator's own Prometheus metrics (served on MODELDEPLOY_METRICS_PORT, default 8383)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECONCILES = Counter("modeldeploy_reconciles_total", "Reconciles run")
+RECONCILE_ERRORS = Counter("modeldeploy_reconcile_errors_total", "Reconciles that raised")
+RECONCILE_SECONDS = Histogram("modeldeploy_reconcile_duration_seconds", "Reconcile latency")
+PHASES = ("Pending", "Progressing", "Ready", "Paused", "Degraded", "RolledBack", "Failed")
+PHASE = Gauge("modeldeploy_phase", "1 for the ModelDeployment's current phase", ["namespace", "name", "phase"])
+WEIGHT = Gauge("modeldeploy_canary_weight", "Percent of traffic on the candidate", ["namespace", "name"])
+ANALYSIS = Gauge("modeldeploy_analysis_value", "Last analysis values", ["namespace", "name", "metric"])
+ROLLBACKS = Counter("modeldeploy_rollbacks_total", "Automatic rollbacks and aborts", ["namespace", "name", "reason"])
+
+
+def start_server() -> None:
+    port = int(os.environ.get("MODELDEPLOY_METRICS_PORT", "8383"))
+    if port:
+        start_http_server(port, addr=os.environ.get("MODELDEPLOY_METRICS_ADDR", "0.0.0.0"))
+
+
+def observe_status(md: dict[str, Any]) -> None:
+    meta, st = md["metadata"], md.get("status") or {}
+    ns, name = meta["namespace"], meta["name"]
+    for phase in PHASES:
+        PHASE.labels(ns, name, phase).set(1 if st.get("phase") == phase else 0)
+    WEIGHT.labels(ns, name).set(st.get("canaryWeight") or 0)
+    for metric, value in ((st.get("lastAnalysis") or {}).get("values") or {}).items():
+        ANALYSIS.labels(ns, name, metric).set(value)
+
+
+def observe_event(md: dict[str, Any], reason: str) -> None:
+    if reason in ("RolledBack", "Aborted"):
+        meta = md["metadata"]
+        ROLLBACKS.labels(meta["namespace"], meta["name"], reason).inc()
+
+
+def forget(namespace: str, name: str) -> None:
+    for phase in PHASES:
+        try:
+            PHASE.remove(namespace, name, phase)
+        except KeyError:
+            pass
+    try:
+        WEIGHT.remove(namespace, name)
+    except KeyError:
+        pass

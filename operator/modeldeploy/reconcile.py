@@ -1,0 +1,619 @@
+"""The one level-triggered reconcile.
+
+``Reconciler.reconcile(namespace, name)`` runs for every event of a ModelDeployment or of
+one of its children, and on a periodic resync. It computes the desired state from the
+current spec, the persisted status and the observed children (from the watch cache,
+so it costs no API reads), persists the next rollout state in status, then applies
+only the children that differ from what is live. A reconcile that changes nothing
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+
+import pydantic
+
+from . import api, builders, revision, rollout, status
+from .kube import ApiError, Kube
+
+log = logging.getLogger(__name__)
+
+APPLIED_ANNOTATION = "modeldeploy.io/applied-hash"
+PROMOTE_ANNOTATION = "modeldeploy.io/promote"
+RESUME_ANNOTATION = "modeldeploy.io/resume"
+ABORT_ANNOTATION = "modeldeploy.io/abort"
+CHILD_KINDS = ("Deployment", "Pod", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+APPLY_ORDER = ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class Cache:
+    """Objects seen by the watches, indexed by (kind, namespace, owning ModelDeployment)."""
+
+    def __init__(self) -> None:
+        self._objs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._by_owner: dict[tuple[str, str, str], set[str]] = {}
+
+    @staticmethod
+    def _owner(obj: dict[str, Any]) -> str:
+        if obj.get("kind") == api.KIND:
+            return str(obj["metadata"]["name"])
+        return str((obj["metadata"].get("labels") or {}).get(builders.LABEL_NAME, ""))
+
+    def put(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta.get("namespace", ""), meta["name"])
+        old = self._objs.get(key)
+        if old is not None and _rv(old) > _rv(obj):
+            return  # an older event arriving after our own write's response
+        if old is not None:
+            self._by_owner.get((key[0], key[1], self._owner(old)), set()).discard(key[2])
+        self._objs[key] = obj
+        self._by_owner.setdefault((key[0], key[1], self._owner(obj)), set()).add(key[2])
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        old = self._objs.pop((kind, namespace, name), None)
+        if old is not None:
+            self._by_owner.get((kind, namespace, self._owner(old)), set()).discard(name)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._objs.get((kind, namespace, name))
+
+    def owned(self, kind: str, namespace: str, owner: str) -> list[dict[str, Any]]:
+        names = self._by_owner.get((kind, namespace, owner), set())
+        return [self._objs[(kind, namespace, n)] for n in sorted(names) if (kind, namespace, n) in self._objs]
+
+    def keys(self, kind: str) -> list[tuple[str, str]]:
+        return [(ns, name) for (k, ns, name) in self._objs if k == kind]
+
+    def __len__(self) -> int:
+        return len(self._objs)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+# --------------------------------------------------------------------------- comparison
+
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[KMGTPE]i|[mkMGTPE])?$")
+_SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+           "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def _quantity(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return Decimal(str(value))
+    if not isinstance(value, str):
+        return None
+    m = _QUANTITY.match(value)
+    if not m:
+        return None
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation:
+        return None
+    suffix = m.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * (Decimal(10) ** int(suffix[1:]))
+    return number * Decimal(_SUFFIX[suffix])
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Whether every field we want is present in ``live`` with an equal value
+    (fields the API server defaulted, or others own, are ignored)."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(live) == len(desired)
+                and all(contains(a, b) for a, b in zip(live, desired, strict=True)))
+    if live == desired:
+        return True
+    a, b = _quantity(live), _quantity(desired)
+    return a is not None and a == b
+
+
+def applied_hash(obj: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = dict(obj["metadata"])
+    meta["annotations"] = {**meta.get("annotations", {}), APPLIED_ANNOTATION: applied_hash(obj)}
+    return {**obj, "metadata": meta}
+
+
+def needs_apply(live: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
+    if live is None:
+        return True
+    if (live["metadata"].get("annotations") or {}).get(APPLIED_ANNOTATION) != \
+            desired["metadata"]["annotations"][APPLIED_ANNOTATION]:
+        return True  # our intent changed (perhaps a field was dropped): re-apply
+    body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+    return not contains(live, body)
+
+
+# --------------------------------------------------------------------------- observation
+
+
+def observe_revision(dep: dict[str, Any] | None, pods: Iterable[dict[str, Any]]) -> rollout.RevisionObservation:
+    if dep is None:
+        return rollout.RevisionObservation()
+    dstatus = dep.get("status") or {}
+    failure = None
+    for cond in dstatus.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            failure = f"ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
+    ready = 0
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        pstatus = pod.get("status") or {}
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in pstatus.get("conditions") or []):
+            ready += 1
+        for cs in pstatus.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == "CrashLoopBackOff" or (
+                    cs.get("restartCount", 0) >= rollout.CRASHLOOP_RESTARTS and not cs.get("ready")):
+                failure = (f"CrashLoopBackOff: container {cs.get('name')} of pod {pod['metadata']['name']} "
+                           f"restarted {cs.get('restartCount', 0)} times")
+    desired = (dep.get("spec") or {}).get("replicas", 1)
+    generation_seen = dstatus.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
+    updated = dstatus.get("updatedReplicas", 0) if generation_seen else 0
+    return rollout.RevisionObservation(desired=desired, ready=min(ready, dstatus.get("readyReplicas", ready)),
+                                       updated=updated, failure=failure)
+
+
+class AnalysisProvider(Protocol):
+    async def __call__(self, md: dict[str, Any], spec: api.ModelDeploymentSpec, state: api.RolloutState,
+                       stable: str, candidate: str) -> api.AnalysisResult | None: ...
+
+
+# --------------------------------------------------------------------------- reconciler
+
+
+@dataclass
+class Outcome:
+    writes: int = 0
+    requeue_after: float | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, cache: Cache, *, post_event: Callable[[dict[str, Any], str, str, str], None],
+                 analysis: AnalysisProvider | None = None, stager_image: str = builders.DEFAULT_STAGER_IMAGE,
+                 clock: Callable[[], datetime] = _now) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.post_event = post_event
+        self.analysis = analysis
+        self.stager_image = stager_image
+        self.clock = clock
+        self._secret_seen: dict[tuple[str, str], tuple[float, bool]] = {}
+
+    async def _secret_exists(self, namespace: str, name: str) -> bool:
+        key = (namespace, name)
+        seen = self._secret_seen.get(key)
+        if seen and time.monotonic() - seen[0] < 10:
+            return seen[1]
+        exists = await self.kube.get("Secret", namespace, name) is not None
+        self._secret_seen[key] = (time.monotonic(), exists)
+        return exists
+
+    async def reconcile(self, namespace: str, name: str) -> Outcome:
+        md = self.cache.get(api.KIND, namespace, name)
+        if md is None or md["metadata"].get("deletionTimestamp"):
+            return Outcome()
+        writes_before = self.kube.writes
+        out = await self._reconcile(md)
+        out.writes = self.kube.writes - writes_before
+        return out
+
+    async def _reconcile(self, md: dict[str, Any]) -> Outcome:
+        meta = md["metadata"]
+        ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+        owner = builders.Owner(name=name, namespace=ns, uid=meta["uid"])
+        now = self.clock()
+        now_s = rollout.now_iso(now)
+        try:
+            old_status = api.ModelDeploymentStatus.model_validate(md.get("status") or {})
+        except pydantic.ValidationError:
+            old_status = api.ModelDeploymentStatus()
+        new_status = old_status.model_copy(deep=True)
+        conditions = list(old_status.conditions or [])
+        events: list[tuple[str, str, str]] = []
+
+        # 1. Parse the spec. Invalid input touches nothing that runs.
+        try:
+            spec = api.ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            msg = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+            return await self._report_spec_error(md, new_status, conditions, "InvalidSpec", msg, now_s)
+
+        history = list(old_status.history or [])
+        state = old_status.rollout
+
+        # 2. The revision the spec asks for (rollbackTo picks a remembered one).
+        fast_track = False
+        target_spec = spec
+        if spec.rollback_to is not None:
+            rec = revision.find(history, number=spec.rollback_to.revision)
+            if rec is None or rec.spec is None:
+                known = ", ".join(str(r.revision) for r in history) or "none"
+                return await self._report_spec_error(
+                    md, new_status, conditions, "UnknownRevision",
+                    f"spec.rollbackTo.revision {spec.rollback_to.revision} is not in status.history "
+                    f"(known: {known}); pick one of those or remove spec.rollbackTo", now_s)
+            target_spec = revision.with_pod_shaping(spec, rec.spec)
+            fast_track = True
+        target_hash = revision.revision_hash(target_spec)
+        target_rec = revision.find(history, hash=target_hash)
+        if target_rec is None:
+            # Preflight before a new revision exists: what is valid but cannot work is reported,
+            # and the running revision is left alone.
+            problem = await self._preflight(ns, target_spec)
+            if problem:
+                return await self._report_spec_error(md, new_status, conditions, problem[0], problem[1], now_s)
+            target_rec = api.RevisionRecord(
+                revision=revision.next_number(history), hash=target_hash, model_version=target_spec.model.version,
+                image=target_spec.server.image, config_hash=_config_hash(owner, target_spec), created=now_s,
+                outcome="Pending", spec=revision.pod_shaping(target_spec))
+            history.append(target_rec)
+        else:
+            problem = await self._preflight(ns, target_spec)
+            if problem and (state is None or target_rec.revision != state.stable_revision):
+                return await self._report_spec_error(md, new_status, conditions, problem[0], problem[1], now_s)
+        by_number = {r.revision: r for r in history}
+
+        # 3. Observe the live revisions.
+        strategy = spec.rollout.strategy
+        deployments = {d["metadata"]["name"]: d for d in self.cache.owned("Deployment", ns, name)}
+        pods = self.cache.owned("Pod", ns, name)
+
+        def obs_for(number: int) -> rollout.RevisionObservation:
+            rec = by_number.get(number)
+            if rec is None:
+                return rollout.RevisionObservation()
+            dep = deployments.get(builders.deployment_name(owner, rec.hash, strategy))
+            rev_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(builders.LABEL_REVISION)
+                        == rec.hash]
+            return observe_revision(dep, rev_pods)
+
+        live_numbers = {n for n in (state.stable_revision if state else None,
+                                    state.candidate_revision if state else None,
+                                    state.scale_down_revision if state else None) if n is not None}
+        obs = {n: obs_for(n) for n in live_numbers}
+        total = spec.effective_replicas
+        if spec.autoscaling is not None and state is not None and state.stable_revision is not None:
+            stable_obs = obs.get(state.stable_revision)
+            if stable_obs and stable_obs.desired:
+                total = max(spec.autoscaling.min_replicas, min(stable_obs.desired, spec.autoscaling.max_replicas))
+
+        # 4. Manual commands: annotation nonces handled once (remembered in status).
+        annotations = meta.get("annotations") or {}
+        commands = rollout.Commands(
+            paused=spec.paused,
+            promote=_fresh(annotations, PROMOTE_ANNOTATION, state),
+            resume=_fresh(annotations, RESUME_ANNOTATION, state),
+            abort=_fresh(annotations, ABORT_ANNOTATION, state),
+            fast_track=fast_track,
+        )
+
+        # 5. Analysis gate for the candidate, once its pods are ready.
+        verdict, verdict_reason = None, ""
+        if (state is not None and state.candidate_revision is not None and state.stable_revision is not None
+                and state.state == rollout.PROGRESSING and spec.rollout.analysis is not None
+                and self.analysis is not None and not fast_track):
+            cobs = obs.get(state.candidate_revision, rollout.RevisionObservation())
+            want = rollout.replicas_for(state, strategy, total).get(state.candidate_revision, 0)
+            if cobs.ready >= want > 0:
+                result = await self.analysis(md, spec, state, by_number[state.stable_revision].hash,
+                                             by_number[state.candidate_revision].hash)
+                if result is not None:
+                    new_status.last_analysis = result
+                    verdict, verdict_reason = result.verdict, result.reason
+
+        # 6. One step of the state machine.
+        auto_promote = spec.rollout.blue_green.auto_promote if spec.rollout.blue_green else True
+        delay = float(spec.rollout.blue_green.scale_down_delay_seconds if strategy == api.Strategy.blue_green
+                      and spec.rollout.blue_green else spec.rollout.scale_down_delay_seconds)
+        tr = rollout.advance(
+            state, target=target_rec.revision, strategy=strategy, steps=api.steps_of(spec), obs=obs, total=total,
+            now=now, progress_deadline=float(spec.rollout.progress_deadline_seconds),
+            auto_rollback=spec.rollout.auto_rollback, commands=commands, analysis_verdict=verdict,
+            analysis_reason=verdict_reason, scale_down_delay=delay, auto_promote=auto_promote)
+        new_state = tr.state
+        events.extend(tr.events)
+        for number, (outcome, reason) in tr.outcomes.items():
+            history = [r.model_copy(update={"outcome": outcome, "reason": reason}) if r.revision == number else r
+                       for r in history]
+        keep = {n for n in (new_state.stable_revision, new_state.candidate_revision,
+                            new_state.scale_down_revision) if n is not None}
+        history = revision.prune(history, spec.revision_history_limit, keep)
+        by_number = {r.revision: r for r in history}
+
+        # 7. Status, persisted before acting on the new state.
+        for n in keep:
+            obs.setdefault(n, obs_for(n))
+        self._fill_status(new_status, conditions, owner, spec, new_state, obs, total, now_s, generation, history,
+                          annotations)
+        if new_status != old_status:
+            dumped = new_status.model_dump(by_alias=True, exclude_none=True, mode="json")
+            if "lastAnalysis" not in dumped:
+                dumped["lastAnalysis"] = None
+            await self.kube.patch_status(api.KIND, ns, name, dumped)
+        for ev in events:
+            self.post_event(md, *ev)
+
+        # 8. Children derived from the persisted state.
+        await self._apply_children(owner, spec, new_state, by_number, total)
+        return Outcome(requeue_after=tr.requeue_after, events=events)
+
+    async def _preflight(self, namespace: str, spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
+        secret = spec.model.credentials_secret
+        if secret and not await self._secret_exists(namespace, secret):
+            return ("CredentialsSecretMissing",
+                    f"spec.model.credentialsSecret: Secret {namespace}/{secret} not found; create it (keys: "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, service-account.json for gs, "
+                    "AZURE_STORAGE_ACCOUNT/AZURE_STORAGE_KEY for as) or remove the field")
+        return None
+
+    async def _report_spec_error(self, md: dict[str, Any], new_status: api.ModelDeploymentStatus,
+                                 conditions: list[api.Condition], reason: str, message: str, now_s: str) -> Outcome:
+        meta = md["metadata"]
+        gen = meta.get("generation")
+        old = new_status.model_copy(deep=True)
+        conditions = status.set_condition(conditions, status.PROGRESSING, False, reason, message, now=now_s,
+                                          generation=gen)
+        if new_status.rollout is None or new_status.rollout.stable_revision is None:
+            new_status.phase = "Failed"
+            conditions = status.set_condition(conditions, status.READY, False, reason, message, now=now_s,
+                                              generation=gen)
+        new_status.message = message
+        new_status.conditions = conditions
+        new_status.observed_generation = gen
+        if new_status != old:
+            await self.kube.patch_status(api.KIND, meta["namespace"], meta["name"],
+                                         new_status.model_dump(by_alias=True, exclude_none=True, mode="json"))
+            self.post_event(md, "Warning", reason, message)
+        return Outcome(requeue_after=30.0 if reason == "CredentialsSecretMissing" else None)
+
+    def _fill_status(self, st: api.ModelDeploymentStatus, conditions: list[api.Condition], owner: builders.Owner,
+                     spec: api.ModelDeploymentSpec, state: api.RolloutState,
+                     obs: dict[int, rollout.RevisionObservation], total: int, now_s: str, gen: int | None,
+                     history: list[api.RevisionRecord], annotations: dict[str, str]) -> None:
+        stable_n, cand_n = state.stable_revision, state.candidate_revision
+        stable_obs = obs.get(stable_n, rollout.RevisionObservation()) if stable_n else None
+        cand_obs = obs.get(cand_n, rollout.RevisionObservation()) if cand_n else None
+        serving_obs = stable_obs if stable_obs is not None else cand_obs or rollout.RevisionObservation()
+        by_number = {r.revision: r for r in history}
+        was_ready = any(c.type == status.READY and c.status == "True" for c in conditions) or \
+            st.phase in ("Ready", "Degraded", "Progressing", "Paused", "RolledBack")
+        first_failure = cand_obs.failure if stable_n is None and cand_obs else None
+        phase, message = status.phase_of(state, stable_ready=serving_obs.ready, stable_desired=total,
+                                         first_failure=first_failure, spec_error=None, was_ready=was_ready)
+        ready = stable_obs is not None and stable_obs.ready >= total
+        rolling = state.state in (rollout.PROGRESSING, rollout.PROMOTING, rollout.PAUSED)
+        conditions = status.set_condition(
+            conditions, status.READY, ready, "AllReplicasReady" if ready else "ReplicasNotReady",
+            f"{serving_obs.ready}/{total} pods of the serving revision ready", now=now_s, generation=gen)
+        conditions = status.set_condition(
+            conditions, status.PROGRESSING, rolling,
+            {rollout.PAUSED: "RolloutPaused", rollout.PROGRESSING: "RolloutInProgress",
+             rollout.PROMOTING: "Promoting"}.get(state.state, "RolloutComplete" if state.state == rollout.IDLE
+                                                 else "RolloutStopped"),
+            message, now=now_s, generation=gen)
+        degraded = phase in ("Degraded", "Failed")
+        conditions = status.set_condition(
+            conditions, status.DEGRADED, degraded, phase if degraded else "Healthy",
+            message if degraded else "", now=now_s, generation=gen)
+        rolled_back = state.state in (rollout.ROLLED_BACK, rollout.ABORTED)
+        conditions = status.set_condition(
+            conditions, status.ROLLED_BACK, rolled_back,
+            ("Aborted" if state.state == rollout.ABORTED else "RolledBack") if rolled_back else "NotRolledBack",
+            state.reason or "" if rolled_back else "", now=now_s, generation=gen)
+        st.conditions = conditions
+        st.phase, st.message = phase, message
+        st.observed_generation = gen
+        st.strategy = spec.rollout.strategy.value
+        st.replicas = sum(o.desired for o in obs.values())
+        st.ready_replicas = sum(o.ready for o in obs.values())
+        st.ready = f"{serving_obs.ready}/{total}"
+        st.selector = f"{builders.LABEL_NAME}={owner.name},app.kubernetes.io/component={builders.COMPONENT_SERVER}"
+        serving = by_number.get(stable_n) if stable_n else None
+        st.serving_version = serving.model_version if serving else None
+        st.stable_revision = stable_n
+        st.candidate_revision = cand_n if rolling else None
+        st.current_step = state.step if rolling and spec.rollout.strategy == api.Strategy.canary else None
+        st.canary_weight = state.weight if rolling else 0
+        st.current_revision = cand_n if rolling else stable_n
+        st.rollout = _remember_nonces(state, annotations)
+        st.endpoints = api.Endpoints(**builders.endpoints(owner, spec))
+        st.history = history
+
+    async def _apply_children(self, owner: builders.Owner, spec: api.ModelDeploymentSpec,
+                              state: api.RolloutState, by_number: dict[int, api.RevisionRecord], total: int) -> None:
+        strategy = spec.rollout.strategy
+        hpa_on = spec.autoscaling is not None
+        plan = rollout.replicas_for(state, strategy, total)
+        if strategy == api.Strategy.rolling:
+            active = state.candidate_revision if state.state in (rollout.PROGRESSING, rollout.PROMOTING,
+                                                                 rollout.PAUSED) else state.stable_revision
+            plan = {active: total} if active is not None else {}
+        desired: list[dict[str, Any]] = []
+        stable_rec = by_number.get(state.stable_revision) if state.stable_revision else None
+        cand_rec = by_number.get(state.candidate_revision) if state.candidate_revision else None
+        hpa_target = None
+        for number, replicas in sorted(plan.items()):
+            rec = by_number.get(number)
+            if rec is None or rec.spec is None:
+                continue
+            rev_spec = revision.with_pod_shaping(spec, rec.spec)
+            is_stable = number == state.stable_revision
+            # With autoscaling the HPA owns the stable Deployment's replicas; we never write them.
+            dep = builders.build_deployment(owner, rev_spec, rec.hash, revision_number=number,
+                                            replicas=None if hpa_on and is_stable else replicas,
+                                            stager_image=self.stager_image)
+            if is_stable:
+                hpa_target = dep["metadata"]["name"]
+            desired.append(dep)
+            cm = builders.build_config_map(owner, rev_spec, rec.hash)
+            if cm is not None:
+                desired.append(cm)
+        serving = stable_rec or cand_rec
+        if serving is not None:
+            candidate_hash = cand_rec.hash if cand_rec and state.state not in (
+                rollout.ROLLED_BACK, rollout.ABORTED, rollout.IDLE) else None
+            desired.extend(builders.build_services(owner, spec, stable=serving.hash, candidate=candidate_hash))
+            if hpa_target is None and serving is cand_rec:
+                hpa_target = builders.deployment_name(owner, serving.hash, strategy)
+        if hpa_target is not None:
+            rolling = state.state in (rollout.PROGRESSING, rollout.PROMOTING, rollout.PAUSED)
+            hpa = builders.build_hpa(owner, spec, target=hpa_target, min_replicas=total if rolling else None)
+            if hpa is not None:
+                desired.append(hpa)
+        pdb = builders.build_pdb(owner, spec)
+        if pdb is not None:
+            desired.append(pdb)
+
+        desired.sort(key=lambda o: APPLY_ORDER.index(o["kind"]))
+        wanted: set[tuple[str, str]] = set()
+        for obj in desired:
+            obj = with_applied_hash(obj)
+            key = (obj["kind"], obj["metadata"]["name"])
+            wanted.add(key)
+            live = self.cache.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
+            if needs_apply(live, obj):
+                result = await self.kube.apply(obj)
+                self.cache.put(result)
+        # Children we own that are no longer wanted (superseded revisions, disabled HPA/PDB).
+        for kind in ("Deployment", "ConfigMap", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+            for live in self.cache.owned(kind, owner.namespace, owner.name):
+                lmeta = live["metadata"]
+                if (kind, lmeta["name"]) in wanted or lmeta.get("deletionTimestamp"):
+                    continue
+                if not any(ref.get("uid") == owner.uid for ref in lmeta.get("ownerReferences") or []):
+                    continue
+                try:
+                    await self.kube.delete(kind, owner.namespace, lmeta["name"])
+                except ApiError as exc:
+                    if exc.status != 409:
+                        raise
+                self.cache.delete(kind, owner.namespace, lmeta["name"])
+
+
+def _config_hash(owner: builders.Owner, spec: api.ModelDeploymentSpec) -> str:
+    cm = builders.build_config_map(owner, spec, "x")
+    if cm is None:
+        return ""
+    return hashlib.sha256(cm["data"]["config.pbtxt"].encode()).hexdigest()[:16]
+
+
+def _fresh(annotations: dict[str, str], key: str, state: api.RolloutState | None) -> bool:
+    """An annotation command counts once per value (its nonce is remembered in status.rollout)."""
+    value = annotations.get(key)
+    if not value or state is None:
+        return False
+    return bool(getattr(state, _nonce_field(key)) != value)
+
+
+def _nonce_field(key: str) -> str:
+    return "handled_" + key.rsplit("/", 1)[-1]
+
+
+def _remember_nonces(state: api.RolloutState, annotations: dict[str, str]) -> api.RolloutState:
+    update = {_nonce_field(k): annotations[k] for k in (PROMOTE_ANNOTATION, RESUME_ANNOTATION, ABORT_ANNOTATION)
+              if annotations.get(k)}
+    return state.model_copy(update=update) if update else state
+
+
+# --------------------------------------------------------------------------- work queue
+
+
+class WorkQueue:
+    """Per-key serialised, coalescing work queue (the controller-runtime semantics):
+    a key is never reconciled twice at once; events arriving meanwhile cause one rerun."""
+
+    def __init__(self, handler: Callable[[str, str], Any], *, workers: int = 8) -> None:
+        self._handler = handler
+        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._queued: set[tuple[str, str]] = set()
+        self._running: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._workers = workers
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, key: tuple[str, str], delay: float | None = None) -> None:
+        if delay:
+            loop = asyncio.get_running_loop()
+            timer = self._timers.get(key)
+            due = loop.time() + delay
+            if timer is not None and timer.when() <= due:
+                return
+            if timer is not None:
+                timer.cancel()
+            self._timers[key] = loop.call_at(due, self._fire, key)
+            return
+        if key in self._running:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def _fire(self, key: tuple[str, str]) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for timer in self._timers.values():
+            timer.cancel()
+
+    def idle(self) -> bool:
+        return not self._queued and not self._running
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._running.add(key)
+            try:
+                await self._handler(*key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile of %s/%s failed; retrying", *key)
+                self.add(key, delay=5.0)
+            finally:
+                self._running.discard(key)
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                    self.add(key)
