@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "modeldeploy.io"
@@ -117,6 +117,15 @@ class DynamicBatching(_Model):
 class InstanceGroup(_Model):
     """Where and how many copies of the model run in each Triton server."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        json_schema_extra={"x-kubernetes-validations": [
+            cel("!has(self.gpus) || (has(self.kind) && self.kind == 'KIND_GPU')",
+                "instanceGroups[].gpus applies only to kind KIND_GPU")]},
+    )
+
     kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = Field(
         default="KIND_AUTO", description="KIND_CPU, KIND_GPU or KIND_AUTO."
     )
@@ -124,6 +133,12 @@ class InstanceGroup(_Model):
     gpus: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
         default=None, max_length=64, description="GPU indexes for KIND_GPU (default: all visible GPUs)."
     )
+
+    @model_validator(mode="after")
+    def _gpus_need_gpu_kind(self) -> InstanceGroup:
+        if self.gpus is not None and self.kind != "KIND_GPU":
+            raise ValueError("instanceGroups[].gpus applies only to kind KIND_GPU")
+        return self
 
 
 class TensorRTOptimization(_Model):
@@ -197,6 +212,28 @@ class ModelSpec(_Model):
                     "!has(self.config) || !has(self.config.dynamicBatching) || (has(self.config.maxBatchSize) && self.config.maxBatchSize > 0)",
                     "model.config.dynamicBatching needs model.config.maxBatchSize > 0",
                 ),
+                cel(
+                    "!has(self.config) || !has(self.config.dynamicBatching) || self.format != 'ensemble'",
+                    "model.config.dynamicBatching does not apply to an ensemble; remove it",
+                ),
+                cel(
+                    "!has(self.config) || !has(self.config.instanceGroups) || self.format != 'ensemble'",
+                    "model.config.instanceGroups does not apply to an ensemble; remove it",
+                ),
+                cel(
+                    "!has(self.config) || !has(self.config.ensembleSteps) || self.format == 'ensemble'",
+                    "model.config.ensembleSteps applies only to model.format ensemble",
+                ),
+                cel(
+                    "!has(self.config) || !has(self.config.optimization) || !has(self.config.optimization.tensorrt)"
+                    " || self.format in ['onnx', 'tensorflow']",
+                    "model.config.optimization.tensorrt applies only to onnx and tensorflow models",
+                ),
+                cel(
+                    "!has(self.config) || !has(self.config.optimization) || !has(self.config.optimization.cudaGraphs)"
+                    " || !self.config.optimization.cudaGraphs || self.format == 'tensorrt'",
+                    "model.config.optimization.cudaGraphs applies only to tensorrt models",
+                ),
             ]
         },
     )
@@ -234,6 +271,29 @@ class ModelSpec(_Model):
         default=None,
         description="Secret (same namespace) holding storage credentials. Referenced, never copied.",
     )
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> ModelSpec:  # mirrors the CEL rules, for offline use (render)
+        if self.format == ModelFormat.ensemble and (self.config is None or not self.config.ensemble_steps):
+            raise ValueError("model.config.ensembleSteps is required when model.format is ensemble")
+        cfg = self.config
+        if cfg is None:
+            return self
+        ensemble = self.format == ModelFormat.ensemble
+        if cfg.dynamic_batching is not None and cfg.max_batch_size <= 0:
+            raise ValueError("model.config.dynamicBatching needs model.config.maxBatchSize > 0")
+        if cfg.dynamic_batching is not None and ensemble:
+            raise ValueError("model.config.dynamicBatching does not apply to an ensemble; remove it")
+        if cfg.instance_groups and ensemble:
+            raise ValueError("model.config.instanceGroups does not apply to an ensemble; remove it")
+        if cfg.ensemble_steps and not ensemble:
+            raise ValueError("model.config.ensembleSteps applies only to model.format ensemble")
+        opt = cfg.optimization
+        if opt and opt.tensorrt and self.format not in (ModelFormat.onnx, ModelFormat.tensorflow):
+            raise ValueError("model.config.optimization.tensorrt applies only to onnx and tensorflow models")
+        if opt and opt.cuda_graphs and self.format != ModelFormat.tensorrt:
+            raise ValueError("model.config.optimization.cudaGraphs applies only to tensorrt models")
+        return self
 
     @property
     def scheme(self) -> str:
@@ -372,13 +432,23 @@ class AutoscalingSpec(_Model):
         description="Target pending requests per pod (Pods metric nv_inference_pending_request_count).",
     )
     gpu_utilization: int | None = Field(
-        default=None, ge=1, le=100, description="Target GPU utilisation % (External metric nv_gpu_utilization)."
+        default=None, ge=1, le=100, description="Target GPU utilisation % averaged per pod (External metric nv_gpu_utilization)."
     )
     behavior: dict[str, Any] | None = Field(
         default=None,
         description="autoscaling/v2 HorizontalPodAutoscalerBehavior, passed through as written.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
     )
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must be <= autoscaling.maxReplicas")
+        if not any(v is not None for v in (self.target_cpu_utilization, self.queue_time_microseconds,
+                                            self.pending_requests, self.gpu_utilization)):
+            raise ValueError("autoscaling needs at least one target: targetCPUUtilization, "
+                             "queueTimeMicroseconds, pendingRequests or gpuUtilization")
+        return self
 
 
 class PDBSpec(_Model):
@@ -401,6 +471,12 @@ class PDBSpec(_Model):
     enabled: bool = Field(default=True, description="Create the PodDisruptionBudget.")
     min_available: int | None = Field(default=None, ge=0, description="Pods that must stay available.")
     max_unavailable: int | None = Field(default=None, ge=0, description="Pods that may be unavailable.")
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> PDBSpec:
+        if self.min_available is not None and self.max_unavailable is not None:
+            raise ValueError("set only one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable")
+        return self
 
 
 # --------------------------------------------------------------------------- rollout
@@ -475,6 +551,12 @@ class AnalysisSpec(_Model):
     )
     thresholds: Thresholds = Field(default_factory=Thresholds, description="Limits checked each window.")
 
+    @model_validator(mode="after")
+    def _cross_fields(self) -> AnalysisSpec:
+        if self.prometheus_url is not None and self.scrape:
+            raise ValueError("set analysis.prometheusUrl or analysis.scrape: true, not both")
+        return self
+
 
 class BlueGreenSpec(_Model):
     """Blue-green settings."""
@@ -546,6 +628,16 @@ class RolloutSpec(_Model):
     )
     gateway: GatewaySpec | None = Field(default=None, description="Exact weights via Gateway API routes.")
 
+    @model_validator(mode="after")
+    def _cross_fields(self) -> RolloutSpec:
+        if self.steps:
+            weights = [s.weight for s in self.steps]
+            if weights != sorted(set(weights)):
+                raise ValueError("rollout.steps weights must be distinct and rising")
+            if "strategy" in self.model_fields_set and self.strategy != Strategy.canary:
+                raise ValueError("rollout.steps apply only to strategy Canary")
+        return self
+
 
 class RollbackTo(_Model):
     """Declarative rollback."""
@@ -608,6 +700,12 @@ class ModelDeploymentSpec(_Model):
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Services.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="ServiceMonitor.")
     pod_disruption_budget: PDBSpec | None = Field(default=None, description="Optional PodDisruptionBudget.")
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> ModelDeploymentSpec:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set spec.replicas or spec.autoscaling, not both (with autoscaling the HPA owns replicas)")
+        return self
 
     @property
     def effective_replicas(self) -> int:

@@ -414,7 +414,8 @@ def build_hpa(owner: Owner, spec: api.ModelDeploymentSpec, *, target: str, min_r
     if auto.gpu_utilization is not None:
         metrics.append({"type": "External", "external": {
             "metric": {"name": "nv_gpu_utilization", "selector": {"matchLabels": {LABEL_NAME: owner.name}}},
-            "target": {"type": "Value", "value": str(auto.gpu_utilization)}}})
+            # Triton exports utilisation as 0.0-1.0 per GPU; averaged per pod.
+            "target": {"type": "AverageValue", "averageValue": f"{auto.gpu_utilization * 10}m"}}})
     floor = max(auto.min_replicas, min(min_replicas or 0, auto.max_replicas))
     hpa_spec: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},

@@ -17,6 +17,8 @@ def render(doc: dict[str, Any], namespace: str | None = None) -> list[dict[str, 
     meta = doc.get("metadata") or {}
     if doc.get("kind") != api.KIND:
         raise SystemExit(f"error: kind must be {api.KIND}, got {doc.get('kind')!r}")
+    if not meta.get("name"):
+        raise SystemExit("error: metadata.name is required")
     spec = api.ModelDeploymentSpec.model_validate(doc.get("spec") or {})
     owner = builders.Owner(name=meta["name"], namespace=namespace or meta.get("namespace") or "default",
                            uid="00000000-0000-0000-0000-000000000000")
@@ -73,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     staging.add_arguments(s)
     s.set_defaults(fn=staging.main)
-    o = sub.add_parser("operator", help="run the operator (same as modeldeploy-operator run)")
-    o.add_argument("kopf_args", nargs=argparse.REMAINDER)
-    o.set_defaults(fn=lambda a: operator_main(["run", *a.kopf_args]))
+    sub.add_parser("operator", help="run the operator: modeldeploy operator [kopf run options]")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:
+        return operator_main(["run", *argv[1:]])
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 

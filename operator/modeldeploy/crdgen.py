@@ -34,7 +34,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "Canary step index."},
 ]
 
-_DROP = {"title", "default", "examples"}
+_DROP = {"title", "default", "examples", "propertyNames"}
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:

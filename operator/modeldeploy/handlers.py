@@ -51,24 +51,25 @@ class Operator:
 OP = Operator()
 
 
-async def _login() -> kopf.ConnectionInfo:
-    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+async def _login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.LoginError("no credentials: neither in-cluster service account nor kubeconfig found")
     return info
 
 
 @kopf.on.login()
-async def login(**_: Any) -> kopf.ConnectionInfo:
-    return await _login()
+async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    return await _login(settings)
 
 
-def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    try:
-        kopf.event(body, type=type_, reason=reason, message=message)  # type: ignore[arg-type]
-    except Exception:  # posting Events is best-effort; the status carries the same facts
-        log.warning("could not post event %s for %s", reason, body["metadata"].get("name"))
+async def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     metrics.observe_event(body, reason)
+    assert OP.kube is not None
+    try:
+        await OP.kube.post_event(body, type_, reason, message)
+    except Exception as exc:  # posting Events is best-effort; the status carries the same facts
+        log.warning("could not post event %s for %s: %s", reason, body["metadata"].get("name"), exc)
 
 
 async def _reconcile(namespace: str, name: str) -> None:
@@ -108,7 +109,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
-    OP.kube = Kube(await _login(), relogin=_login)
+    OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
     OP.reconciler = Reconciler(OP.kube, OP.cache, post_event=_post_event,
                                stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE",
                                                            builders.DEFAULT_STAGER_IMAGE))

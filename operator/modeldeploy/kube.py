@@ -16,6 +16,7 @@ import logging
 import os
 import ssl
 import tempfile
+from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,9 +38,11 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "ConfigMap": ("/api/v1", "configmaps", True),
     "Secret": ("/api/v1", "secrets", True),
     "Pod": ("/api/v1", "pods", True),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims", True),
     "EndpointSlice": ("/apis/discovery.k8s.io/v1", "endpointslices", True),
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers", True),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "Event": ("/api/v1", "events", True),
     "ModelDeployment": ("/apis/modeldeploy.io/v1alpha1", "modeldeployments", True),
     "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes", True),
     "GRPCRoute": ("/apis/gateway.networking.k8s.io/v1", "grpcroutes", True),
@@ -177,6 +180,10 @@ class Kube:
             "GET", path_for(kind, namespace, name), kind=kind, ok404=True)
         return result
 
+    async def exists(self, kind: str, namespace: str, name: str) -> bool:
+        """Existence only; the object's data (e.g. a Secret's) is not kept."""
+        return await self.get(kind, namespace, name) is not None
+
     async def list(self, kind: str, namespace: str | None, label_selector: str | None = None
                    ) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None
@@ -201,3 +208,25 @@ class Kube:
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:
         await self.request("DELETE", path_for(kind, namespace, name), kind=kind, ok404=True,
                            body={"propagationPolicy": "Background"})
+
+    async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``obj`` (a milestone; never carries secrets)."""
+        meta = obj["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": MANAGER},
+            "reportingComponent": f"modeldeploy.io/{MANAGER}",
+            "reportingInstance": os.environ.get("HOSTNAME", MANAGER),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.request("POST", path_for("Event", meta["namespace"]), kind="Event", body=event)

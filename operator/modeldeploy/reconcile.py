@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import pydantic
 
-from . import api, builders, revision, rollout, status
+from . import api, builders, revision, rollout, staging, status
 from .kube import ApiError, Kube
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,24 @@ def _quantity(value: Any) -> Decimal | None:
     return number * Decimal(_SUFFIX[suffix])
 
 
-def contains(live: Any, desired: Any) -> bool:
+_QUANTITY_KEYS = {"resources", "requests", "limits", "sizeLimit", "averageValue"}
+
+
+def contains(live: Any, desired: Any, quantity: bool = False) -> bool:
     """Whether every field we want is present in ``live`` with an equal value
-    (fields the API server defaulted, or others own, are ignored)."""
+    (fields the API server defaulted, or others own, are ignored). Values under
+    resource-like keys compare as quantities ("1000m" == "1"), which the API server
+    canonicalises."""
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
+        return isinstance(live, dict) and all(
+            k in live and contains(live[k], v, quantity or k in _QUANTITY_KEYS) for k, v in desired.items())
     if isinstance(desired, list):
         return (isinstance(live, list) and len(live) == len(desired)
-                and all(contains(a, b) for a, b in zip(live, desired, strict=True)))
+                and all(contains(a, b, quantity) for a, b in zip(live, desired, strict=True)))
     if live == desired:
         return True
+    if not quantity:
+        return False
     a, b = _quantity(live), _quantity(desired)
     return a is not None and a == b
 
@@ -202,7 +210,8 @@ def _now() -> datetime:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, cache: Cache, *, post_event: Callable[[dict[str, Any], str, str, str], None],
+    def __init__(self, kube: Kube, cache: Cache, *,
+                 post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
                  analysis: AnalysisProvider | None = None, stager_image: str = builders.DEFAULT_STAGER_IMAGE,
                  clock: Callable[[], datetime] = _now) -> None:
         self.kube = kube
@@ -211,21 +220,36 @@ class Reconciler:
         self.analysis = analysis
         self.stager_image = stager_image
         self.clock = clock
-        self._secret_seen: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._seen: dict[tuple[str, str, str], tuple[float, bool]] = {}
+        self._primed: set[str] = set()
 
-    async def _secret_exists(self, namespace: str, name: str) -> bool:
-        key = (namespace, name)
-        seen = self._secret_seen.get(key)
+    async def _exists(self, kind: str, namespace: str, name: str) -> bool:
+        """Existence of a referenced object (a read, cached for 10 s; values are never kept)."""
+        key = (kind, namespace, name)
+        seen = self._seen.get(key)
         if seen and time.monotonic() - seen[0] < 10:
             return seen[1]
-        exists = await self.kube.get("Secret", namespace, name) is not None
-        self._secret_seen[key] = (time.monotonic(), exists)
+        exists = await self.kube.exists(kind, namespace, name)
+        self._seen[key] = (time.monotonic(), exists)
         return exists
+
+    async def _prime(self, namespace: str) -> None:
+        """Fill the cache with the namespace's children once, before the first reconcile there:
+        right after a start the watches may not have listed everything yet, and a reconcile
+        working from a partial view would write what is already there."""
+        selector = f"app.kubernetes.io/managed-by={builders.MANAGER}"
+        for kind in CHILD_KINDS:
+            for obj in await self.kube.list(kind, namespace, selector):
+                obj.setdefault("kind", kind)
+                self.cache.put(obj)
+        self._primed.add(namespace)
 
     async def reconcile(self, namespace: str, name: str) -> Outcome:
         md = self.cache.get(api.KIND, namespace, name)
         if md is None or md["metadata"].get("deletionTimestamp"):
             return Outcome()
+        if namespace not in self._primed:
+            await self._prime(namespace)
         writes_before = self.kube.writes
         out = await self._reconcile(md)
         out.writes = self.kube.writes - writes_before
@@ -360,20 +384,31 @@ class Reconciler:
         self._fill_status(new_status, conditions, owner, spec, new_state, obs, total, now_s, generation, history,
                           annotations)
         if new_status != old_status:
-            dumped = new_status.model_dump(by_alias=True, exclude_none=True, mode="json")
-            if "lastAnalysis" not in dumped:
-                dumped["lastAnalysis"] = None
-            await self.kube.patch_status(api.KIND, ns, name, dumped)
+            changed = [k for k in type(new_status).model_fields
+                       if getattr(new_status, k) != getattr(old_status, k)]
+            log.debug("%s/%s: status changes: %s", ns, name, ", ".join(changed))
+            await self.kube.patch_status(api.KIND, ns, name, merge_patch(_dump(old_status), _dump(new_status)))
         for ev in events:
-            self.post_event(md, *ev)
+            await self.post_event(md, *ev)
 
         # 8. Children derived from the persisted state.
         await self._apply_children(owner, spec, new_state, by_number, total)
         return Outcome(requeue_after=tr.requeue_after, events=events)
 
     async def _preflight(self, namespace: str, spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
+        if spec.model.config is not None and spec.model.scheme in builders.NATIVE_SCHEMES \
+                and spec.model.scheme not in staging.SUPPORTED_SCHEMES:
+            return ("StorageNotSupported",
+                    f"spec.model.config with {spec.model.scheme}:// needs the init-container stager, which cannot "
+                    f"fetch {spec.model.scheme}:// yet: put config.pbtxt into the repository and remove "
+                    "spec.model.config, or serve the repository from pvc:// or https://")
+        claim = builders.pvc_claim(spec)
+        if claim and not await self._exists("PersistentVolumeClaim", namespace, claim[0]):
+            return ("ClaimMissing",
+                    f"spec.model.storageUri: PersistentVolumeClaim {namespace}/{claim[0]} not found; create it "
+                    "or point storageUri at an existing claim")
         secret = spec.model.credentials_secret
-        if secret and not await self._secret_exists(namespace, secret):
+        if secret and not await self._exists("Secret", namespace, secret):
             return ("CredentialsSecretMissing",
                     f"spec.model.credentialsSecret: Secret {namespace}/{secret} not found; create it (keys: "
                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, service-account.json for gs, "
@@ -396,8 +431,8 @@ class Reconciler:
         new_status.observed_generation = gen
         if new_status != old:
             await self.kube.patch_status(api.KIND, meta["namespace"], meta["name"],
-                                         new_status.model_dump(by_alias=True, exclude_none=True, mode="json"))
-            self.post_event(md, "Warning", reason, message)
+                                         merge_patch(_dump(old), _dump(new_status)))
+            await self.post_event(md, "Warning", reason, message)
         return Outcome(requeue_after=30.0 if reason == "CredentialsSecretMissing" else None)
 
     def _fill_status(self, st: api.ModelDeploymentStatus, conditions: list[api.Condition], owner: builders.Owner,
@@ -505,6 +540,12 @@ class Reconciler:
             key = (obj["kind"], obj["metadata"]["name"])
             wanted.add(key)
             live = self.cache.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
+            if live is None:
+                # A cache miss (e.g. right after a restart, before the watch has listed it): confirm with a read.
+                live = await self.kube.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
+                if live is not None:
+                    live.setdefault("kind", obj["kind"])
+                    self.cache.put(live)
             if needs_apply(live, obj):
                 result = await self.kube.apply(obj)
                 self.cache.put(result)
@@ -522,6 +563,26 @@ class Reconciler:
                     if exc.status != 409:
                         raise
                 self.cache.delete(kind, owner.namespace, lmeta["name"])
+
+
+def _dump(st: api.ModelDeploymentStatus) -> dict[str, Any]:
+    return st.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning ``old`` into ``new`` (removed keys become null)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    return patch
 
 
 def _config_hash(owner: builders.Owner, spec: api.ModelDeploymentSpec) -> str:

@@ -28,6 +28,7 @@ IDLE, PROGRESSING, PAUSED, PROMOTING, ROLLED_BACK, ABORTED = (
     "Idle", "Progressing", "Paused", "Promoting", "RolledBack", "Aborted")
 
 CRASHLOOP_RESTARTS = 3
+FAILED_PAUSE = "Failed: "
 
 
 def now_iso(now: datetime) -> str:
@@ -80,7 +81,9 @@ def candidate_replicas(total: int, weight: int) -> int:
         return total
     if total == 0:
         return 0
-    return max(1, round(total * weight / (100 - weight)))
+    exact = total * weight / (100 - weight)
+    lo = max(1, math.floor(exact))
+    return min((lo, lo + 1), key=lambda c: (abs(100 * c / (total + c) - weight), c))
 
 
 def actual_weight(stable_ready: int, candidate_ready: int) -> int:
@@ -109,7 +112,7 @@ def _fail(state: api.RolloutState, reason: str, now: datetime, *, auto_rollback:
           aborted: bool = False) -> Transition:
     cand = state.candidate_revision
     if not auto_rollback and not aborted:
-        st = state.model_copy(update={"state": PAUSED, "reason": f"Failed: {reason} (autoRollback is off)"})
+        st = state.model_copy(update={"state": PAUSED, "reason": f"{FAILED_PAUSE}{reason} (autoRollback is off)"})
         return Transition(st, [("Warning", "RolloutFailed", f"revision {cand} failed: {reason}; paused")],
                           requeue_after=None)
     new = api.RolloutState(
@@ -142,11 +145,13 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
         return Transition(st, [("Normal", "Creating", f"revision {target} created")], {target: ("Progressing", None)})
 
     # Delayed scale-down of a superseded revision.
+    scale_down_wait: float | None = None
     if state.scale_down_revision is not None:
         due = parse_time(state.scale_down_at)
         if due is None or now >= due:
             st = state.model_copy(update={"scale_down_revision": None, "scale_down_at": None})
             return Transition(st, [("Normal", "ScaledDown", f"revision {state.scale_down_revision} scaled down")])
+        scale_down_wait = (due - now).total_seconds() + 0.1
 
     stable, cand = state.stable_revision, state.candidate_revision
 
@@ -179,7 +184,7 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
     if state.state in (ROLLED_BACK, ABORTED) and target == stable and cand is not None:
         return Transition(idle(stable), [("Normal", "Idle", f"spec is back at stable revision {stable}")])
     if state.state in (IDLE, ROLLED_BACK, ABORTED):
-        return Transition(state)
+        return Transition(state, requeue_after=scale_down_wait)
 
     assert cand is not None
     cobs = obs.get(cand, RevisionObservation())
@@ -188,8 +193,22 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
 
     if commands.abort:
         return _fail(state, "aborted by user", now, auto_rollback=True, aborted=True)
+    if state.state == PAUSED and (state.reason or "").startswith(FAILED_PAUSE):
+        # Failed with autoRollback off: hold until the user decides (promote, resume or abort).
+        if commands.promote:
+            st = state.model_copy(update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now),
+                                          "reason": "promoted by user"})
+            return Transition(st, [("Normal", "PromoteRequested", f"revision {cand}: promoted by user")])
+        if commands.resume:
+            st = state.model_copy(update={"state": PROGRESSING, "step_started_at": now_iso(now), "reason": None})
+            return Transition(st, [("Normal", "Resumed", f"rollout of revision {cand} resumed")])
+        return Transition(state)
     if cobs.failure and stable is not None:
         return _fail(state, cobs.failure, now, auto_rollback=auto_rollback)
+    if commands.promote and state.state != PROMOTING:
+        st = state.model_copy(update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now),
+                                      "reason": "promoted by user"})
+        return Transition(st, [("Normal", "PromoteRequested", f"revision {cand}: remaining steps skipped")])
 
     want = replicas_for(state, strategy, total).get(cand, 0)
     pods_ready = cobs.ready >= want and cobs.updated >= want
@@ -215,11 +234,6 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
         verb = "promoted" if stable is not None else "ready"
         return Transition(st, [("Normal", "Promoted", f"revision {cand} {verb}: serving all traffic")], outcomes,
                           requeue_after=scale_down_delay + 0.5 if stable and scale_down_delay > 0 else None)
-
-    if commands.promote:
-        st = state.model_copy(update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now),
-                                      "reason": "promoted by user"})
-        return Transition(st, [("Normal", "PromoteRequested", f"revision {cand}: remaining steps skipped")])
 
     if commands.paused:
         if state.state != PAUSED:

@@ -17,6 +17,9 @@ import urllib.request
 from pathlib import Path
 
 
+SUPPORTED_SCHEMES = {"pvc", "http", "https"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uri", required=True, help="storage URI of the model repository")
     p.add_argument("--dest", required=True, help="directory to fill (Triton's --model-repository)")

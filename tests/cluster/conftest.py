@@ -1,0 +1,116 @@
+"""Cluster-tier fixtures: the CRD installed once, a session operator watching ``md-*``
+namespaces, and helpers to drive ModelDeployments."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube import Cluster, unique_name, wait_for
+from operator_proc import OperatorProcess, install_crd
+
+GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    install_crd(cluster)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator for the session, watching every ``md-*`` namespace."""
+    op = OperatorProcess(tmp_path_factory.mktemp("operator"), ["md-*"], resync_seconds=10)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        if os.environ.get("MODELDEPLOY_SHOW_OPERATOR_LOG"):
+            print(op.tail(200))
+
+
+@pytest.fixture
+def md_ns(cluster: Cluster, operator: OperatorProcess, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace the session operator watches."""
+    name = cluster.create_namespace(unique_name("md-" + request.node.name[:30]))
+    try:
+        yield name
+    finally:
+        if os.environ.get("MODELDEPLOY_KEEP_NAMESPACES") != "1":
+            cluster.delete_namespace(name)
+
+
+def model_deployment(name: str, *, version: int = 1, replicas: int | None = 2, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"format": "onnx", "storageUri": "s3://models/repo", "version": version},
+            "server": {"image": "nvcr.io/nvidia/tritonserver:25.10-py3"},
+        },
+    }
+    if replicas is not None:
+        body["spec"]["replicas"] = replicas
+    for key, value in spec.items():
+        body["spec"][key] = copy.deepcopy(value)
+    return body
+
+
+class MD:
+    """Read helpers for one ModelDeployment."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        self.cluster, self.namespace, self.name = cluster, namespace, name
+
+    def get(self) -> dict[str, Any]:
+        obj: dict[str, Any] = self.cluster.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, self.name)
+        return obj
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.get().get("status") or {})
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.status().get("conditions") or [] if c["type"] == type_), None)
+
+    def patch(self, patch: dict[str, Any]) -> None:
+        self.cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name,
+                                                           patch)
+
+    def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(lambda: self.status() if self.status().get("phase") == phase else None, timeout,
+                        message=lambda: f"{self.name} phase {phase}; status: {self.status()}")
+
+    def deployments(self) -> list[Any]:
+        return list(self.cluster.apps.list_namespaced_deployment(
+            self.namespace, label_selector=f"modeldeploy.io/name={self.name}").items)
+
+    def pods(self, revision: str | None = None) -> list[Any]:
+        sel = f"modeldeploy.io/name={self.name}"
+        if revision:
+            sel += f",modeldeploy.io/revision={revision}"
+        return [p for p in self.cluster.core.list_namespaced_pod(self.namespace, label_selector=sel).items
+                if p.metadata.deletion_timestamp is None]
+
+    def events(self) -> list[Any]:
+        return [e for e in self.cluster.core.list_namespaced_event(self.namespace).items
+                if e.involved_object.name == self.name and e.involved_object.kind == "ModelDeployment"]
+
+
+@pytest.fixture
+def md_factory(cluster: Cluster, md_ns: str) -> Any:
+    def create(body: dict[str, Any]) -> MD:
+        cluster.apply(body, namespace=md_ns)
+        return MD(cluster, md_ns, body["metadata"]["name"])
+
+    return create
+
+
+def operator_log_dir(tmp: Path) -> Path:
+    return tmp / "operator"

@@ -1,0 +1,552 @@
+"""The reconciler's pure helpers: comparison, apply decisions, observation, cache, work queue."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import pytest
+
+from modeldeploy import api, builders, rollout
+from modeldeploy.reconcile import (
+    APPLIED_ANNOTATION,
+    Cache,
+    WorkQueue,
+    contains,
+    needs_apply,
+    observe_revision,
+    with_applied_hash,
+)
+
+# --------------------------------------------------------------------------- contains
+
+
+def test_contains_dict_subset() -> None:
+    live = {"a": 1, "b": {"c": 2, "d": 3}, "defaulted": "x"}
+    assert contains(live, {"a": 1})
+    assert contains(live, {"b": {"c": 2}})
+    assert contains(live, {})
+    assert not contains(live, {"b": {"c": 9}})
+    assert not contains(live, {"missing": 1})
+    assert not contains(live, {"b": {"e": 1}})
+    assert not contains({"a": 1}, {"a": {"x": 1}})
+
+
+def test_contains_lists_must_match_in_length_and_order() -> None:
+    assert contains({"l": [{"n": 1, "extra": 0}, {"n": 2}]}, {"l": [{"n": 1}, {"n": 2}]})
+    assert not contains({"l": [1, 2, 3]}, {"l": [1, 2]})
+    assert not contains({"l": [1]}, {"l": [1, 2]})
+    assert not contains({"l": [2, 1]}, {"l": [1, 2]})
+    assert not contains({"l": "12"}, {"l": ["1", "2"]})
+
+
+@pytest.mark.parametrize(
+    ("live", "desired"),
+    [
+        ("1", "1000m"),
+        ("1000m", "1"),
+        ("500m", "0.5"),
+        ("1Gi", "1024Mi"),
+        (1073741824, "1Gi"),
+        ("1Gi", 1073741824),
+        ("4", 4),
+        (4, "4"),
+        ("1k", "1000"),
+        ("1e3", "1k"),
+        ("2", 2.0),
+    ],
+)
+def test_contains_quantity_equivalence(live: Any, desired: Any) -> None:
+    # Under resource-like keys the API server canonicalises quantities.
+    assert contains({"requests": {"q": live}}, {"requests": {"q": desired}})
+    assert contains({"q": live}, {"q": desired}, quantity=True)
+
+
+@pytest.mark.parametrize(
+    ("live", "desired"),
+    [
+        ("1", "2"),
+        ("1Gi", "1G"),
+        ("1000m", "2"),
+        (1, "1Ki"),
+        ("http", "grpc"),
+        ("abc", 1),
+        (None, "1"),
+        ("1", None),
+    ],
+)
+def test_contains_quantity_differences(live: Any, desired: Any) -> None:
+    assert not contains({"q": live}, {"q": desired})
+    assert not contains({"limits": {"q": live}}, {"limits": {"q": desired}})
+
+
+def test_contains_quantity_equivalence_only_for_quantities() -> None:
+    desired = {"env": [{"name": "MODEL_SCHEMA", "value": "1.10"}]}
+    assert not contains({"env": [{"name": "MODEL_SCHEMA", "value": "1.1"}]}, desired)
+
+
+def test_contains_on_a_real_deployment_shape() -> None:
+    spec = api.ModelDeploymentSpec.model_validate(
+        {
+            "model": {"format": "onnx", "storageUri": "s3://b/r", "version": 1},
+            "server": {"resources": {"requests": {"cpu": "1000m", "memory": "1Gi"}}},
+        }
+    )
+    owner = builders.Owner("m", "ns", "uid")
+    desired = builders.build_deployment(owner, spec, "abc", revision_number=1, replicas=2)
+    live = copy.deepcopy(desired)
+    live["metadata"].update({"uid": "x", "resourceVersion": "7", "generation": 3})
+    container = live["spec"]["template"]["spec"]["containers"][0]
+    container["resources"]["requests"] = {"cpu": "1", "memory": "1073741824"}  # the server's canonical form
+    container["terminationMessagePath"] = "/dev/termination-log"  # defaulted by the server
+    live["status"] = {"readyReplicas": 2}
+    assert contains(live, desired)
+    container["image"] = "edited-by-hand"
+    assert not contains(live, desired)
+
+
+# --------------------------------------------------------------------------- needs_apply
+
+
+def _desired() -> dict[str, Any]:
+    return with_applied_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"}},
+            "spec": {"selector": {"x": "y"}, "ports": [{"port": 8000}]},
+        }
+    )
+
+
+def test_with_applied_hash_is_deterministic_and_tracks_intent() -> None:
+    a, b = _desired(), _desired()
+    assert (
+        a["metadata"]["annotations"][APPLIED_ANNOTATION] == b["metadata"]["annotations"][APPLIED_ANNOTATION]
+    )
+    other = with_applied_hash(
+        {
+            **{k: v for k, v in a.items() if k != "metadata"},
+            "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "c"}},
+        }
+    )
+    assert (
+        other["metadata"]["annotations"][APPLIED_ANNOTATION]
+        != a["metadata"]["annotations"][APPLIED_ANNOTATION]
+    )
+
+
+def test_with_applied_hash_keeps_existing_annotations_and_does_not_mutate() -> None:
+    obj = {"kind": "X", "metadata": {"name": "n", "annotations": {"keep": "me"}}, "spec": {}}
+    out = with_applied_hash(obj)
+    assert out["metadata"]["annotations"]["keep"] == "me"
+    assert APPLIED_ANNOTATION in out["metadata"]["annotations"]
+    assert APPLIED_ANNOTATION not in obj["metadata"]["annotations"]
+
+
+def test_needs_apply_when_missing() -> None:
+    assert needs_apply(None, _desired())
+
+
+def test_no_apply_when_live_matches_with_server_defaults() -> None:
+    desired = _desired()
+    live = copy.deepcopy(desired)
+    live["metadata"]["resourceVersion"] = "42"
+    live["spec"]["ports"][0].update({"protocol": "TCP", "targetPort": 8000})
+    live["spec"]["clusterIP"] = "10.0.0.1"
+    assert not needs_apply(live, desired)
+
+
+def test_apply_when_our_intent_changed() -> None:
+    desired = _desired()
+    live = copy.deepcopy(desired)
+    live["metadata"]["annotations"][APPLIED_ANNOTATION] = "0000000000000000"
+    assert needs_apply(live, desired)
+    del live["metadata"]["annotations"]
+    assert needs_apply(live, desired)
+
+
+def test_apply_when_edited_by_hand() -> None:
+    desired = _desired()
+    live = copy.deepcopy(desired)
+    live["spec"]["selector"] = {"x": "hijacked"}
+    assert needs_apply(live, desired)
+
+
+def test_apply_when_a_field_was_removed_by_hand() -> None:
+    desired = _desired()
+    live = copy.deepcopy(desired)
+    del live["metadata"]["labels"]["a"]
+    assert needs_apply(live, desired)
+
+
+# --------------------------------------------------------------------------- observe_revision
+
+
+def dep(
+    replicas: int = 3,
+    *,
+    ready: int | None = None,
+    updated: int | None = None,
+    generation: int = 2,
+    observed: int = 2,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"observedGeneration": observed, "conditions": conditions or []}
+    if ready is not None:
+        status["readyReplicas"] = ready
+    if updated is not None:
+        status["updatedReplicas"] = updated
+    return {
+        "metadata": {"name": "d", "generation": generation},
+        "spec": {"replicas": replicas},
+        "status": status,
+    }
+
+
+def pod(
+    name: str, *, ready: bool = True, restarts: int = 0, waiting: str | None = None, deleting: bool = False
+) -> dict[str, Any]:
+    cs: dict[str, Any] = {"name": "triton", "ready": ready, "restartCount": restarts, "state": {}}
+    if waiting:
+        cs["state"] = {"waiting": {"reason": waiting}}
+    meta: dict[str, Any] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    return {
+        "metadata": meta,
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [cs],
+        },
+    }
+
+
+def test_observe_missing_deployment() -> None:
+    assert observe_revision(None, []) == rollout.RevisionObservation()
+
+
+def test_observe_counts_ready_pods() -> None:
+    obs = observe_revision(dep(3, ready=2, updated=3), [pod("a"), pod("b"), pod("c", ready=False)])
+    assert obs == rollout.RevisionObservation(desired=3, ready=2, updated=3, failure=None)
+
+
+def test_observe_ready_never_exceeds_the_deployments_count() -> None:
+    obs = observe_revision(dep(3, ready=1, updated=3), [pod("a"), pod("b")])
+    assert obs.ready == 1
+
+
+def test_observe_ignores_terminating_pods() -> None:
+    obs = observe_revision(dep(2, ready=2, updated=2), [pod("a"), pod("b", deleting=True)])
+    assert obs.ready == 1
+
+
+def test_observe_zero_ready_when_status_omits_the_field() -> None:
+    obs = observe_revision(dep(2, updated=2), [pod("a", ready=False), pod("b", ready=False)])
+    assert obs.ready == 0
+
+
+def test_observe_updated_only_once_the_generation_is_seen() -> None:
+    assert (
+        observe_revision(dep(2, ready=2, updated=2, generation=3, observed=2), [pod("a"), pod("b")]).updated
+        == 0
+    )
+    assert (
+        observe_revision(dep(2, ready=2, updated=2, generation=3, observed=3), [pod("a"), pod("b")]).updated
+        == 2
+    )
+
+
+def test_observe_crashloopbackoff() -> None:
+    obs = observe_revision(
+        dep(2, updated=2), [pod("a"), pod("b", ready=False, restarts=1, waiting="CrashLoopBackOff")]
+    )
+    assert obs.failure is not None and obs.failure.startswith("CrashLoopBackOff")
+    assert "pod b" in obs.failure
+
+
+def test_observe_repeated_restarts_count_as_crashloop() -> None:
+    obs = observe_revision(dep(1, updated=1), [pod("a", ready=False, restarts=rollout.CRASHLOOP_RESTARTS)])
+    assert obs.failure is not None and "CrashLoopBackOff" in obs.failure
+
+
+def test_observe_a_few_restarts_of_a_ready_pod_are_fine() -> None:
+    assert observe_revision(dep(1, ready=1, updated=1), [pod("a", restarts=5)]).failure is None
+    assert observe_revision(dep(1, updated=1), [pod("a", ready=False, restarts=1)]).failure is None
+    assert (
+        observe_revision(dep(1, updated=1), [pod("a", ready=False, waiting="ContainerCreating")]).failure
+        is None
+    )
+
+
+def test_observe_progress_deadline_exceeded() -> None:
+    cond = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "d-1" has timed out progressing.',
+    }
+    obs = observe_revision(dep(2, updated=2, conditions=[cond]), [pod("a", ready=False)])
+    assert obs.failure is not None and obs.failure.startswith("ProgressDeadlineExceeded")
+    assert "timed out" in obs.failure
+
+
+def test_observe_healthy_progressing_condition_is_not_a_failure() -> None:
+    cond = {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}
+    assert observe_revision(dep(1, ready=1, updated=1, conditions=[cond]), [pod("a")]).failure is None
+
+
+# --------------------------------------------------------------------------- Cache
+
+
+def obj(
+    kind: str, name: str, rv: str | int, *, owner: str = "md1", ns: str = "ns", **extra: Any
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": ns,
+        "resourceVersion": str(rv),
+        "labels": {builders.LABEL_NAME: owner},
+    }
+    return {"kind": kind, "metadata": meta, **extra}
+
+
+def test_cache_put_get_and_owned() -> None:
+    cache = Cache()
+    cache.put(obj("Deployment", "b", 1))
+    cache.put(obj("Deployment", "a", 1))
+    cache.put(obj("Deployment", "c", 1, owner="md2"))
+    cache.put(obj("Service", "a", 1))
+    cache.put(obj("Deployment", "a", 1, ns="other"))
+    assert [d["metadata"]["name"] for d in cache.owned("Deployment", "ns", "md1")] == ["a", "b"]
+    assert [d["metadata"]["name"] for d in cache.owned("Deployment", "ns", "md2")] == ["c"]
+    assert [d["metadata"]["name"] for d in cache.owned("Service", "ns", "md1")] == ["a"]
+    assert cache.owned("Deployment", "ns", "nobody") == []
+    got = cache.get("Service", "ns", "a")
+    assert got is not None and got["kind"] == "Service"
+    assert cache.get("Service", "ns", "zzz") is None
+    assert len(cache) == 5
+
+
+def test_cache_model_deployment_owns_itself_by_name() -> None:
+    cache = Cache()
+    md = {"kind": api.KIND, "metadata": {"name": "md1", "namespace": "ns", "resourceVersion": "3"}}
+    cache.put(md)
+    assert cache.get(api.KIND, "ns", "md1") is md
+    assert cache.keys(api.KIND) == [("ns", "md1")]
+
+
+def test_cache_newer_replaces_older() -> None:
+    cache = Cache()
+    cache.put(obj("Deployment", "a", 5, spec={"v": 1}))
+    cache.put(obj("Deployment", "a", 6, spec={"v": 2}))
+    got = cache.get("Deployment", "ns", "a")
+    assert got is not None and got["spec"] == {"v": 2}
+
+
+def test_cache_ignores_a_stale_resource_version() -> None:
+    cache = Cache()
+    cache.put(obj("Deployment", "a", 10, spec={"v": "new"}))
+    cache.put(obj("Deployment", "a", 9, spec={"v": "old"}))  # an older watch event after our write's response
+    got = cache.get("Deployment", "ns", "a")
+    assert got is not None and got["spec"] == {"v": "new"}
+
+
+def test_cache_delete() -> None:
+    cache = Cache()
+    cache.put(obj("Deployment", "a", 1))
+    cache.put(obj("Deployment", "b", 1))
+    cache.delete("Deployment", "ns", "a")
+    cache.delete("Deployment", "ns", "never-there")
+    assert cache.get("Deployment", "ns", "a") is None
+    assert [d["metadata"]["name"] for d in cache.owned("Deployment", "ns", "md1")] == ["b"]
+    assert len(cache) == 1
+
+
+def test_cache_reindexes_when_the_owner_label_changes() -> None:
+    cache = Cache()
+    cache.put(obj("Pod", "p", 1, owner="md1"))
+    cache.put(obj("Pod", "p", 2, owner="md2"))
+    assert cache.owned("Pod", "ns", "md1") == []
+    assert [p["metadata"]["name"] for p in cache.owned("Pod", "ns", "md2")] == ["p"]
+
+
+# --------------------------------------------------------------------------- WorkQueue
+
+
+class Recorder:
+    """A handler that records runs and concurrency per key, and can be held open."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str]] = []
+        self.active: dict[tuple[str, str], int] = {}
+        self.max_active: dict[tuple[str, str], int] = {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+        self.ran: dict[tuple[str, str], asyncio.Event] = {}
+
+    async def __call__(self, ns: str, name: str) -> None:
+        key = (ns, name)
+        self.active[key] = self.active.get(key, 0) + 1
+        self.max_active[key] = max(self.max_active.get(key, 0), self.active[key])
+        self.runs.append(key)
+        self.started.set()
+        self.ran.setdefault(key, asyncio.Event()).set()
+        try:
+            await self.gate.wait()
+            await asyncio.sleep(0.001)
+        finally:
+            self.active[key] -= 1
+
+
+async def until_idle(queue: WorkQueue) -> None:
+    """Poll (the queue has no idle event) until nothing is queued or running, twice in a row."""
+    settled = 0
+    for _ in range(2000):
+        settled = settled + 1 if queue.idle() else 0
+        if settled >= 10:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("work queue did not go idle")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 5))
+
+
+def test_workqueue_coalesces_adds_before_a_run() -> None:
+    async def main() -> list[tuple[str, str]]:
+        rec = Recorder()
+        q = WorkQueue(rec, workers=4)
+        for _ in range(5):
+            q.add(("ns", "a"))
+        q.start()
+        await until_idle(q)
+        await q.stop()
+        return rec.runs
+
+    assert run(main()) == [("ns", "a")]
+
+
+def test_workqueue_add_during_a_run_causes_exactly_one_rerun() -> None:
+    async def main() -> Recorder:
+        rec = Recorder()
+        rec.gate.clear()
+        q = WorkQueue(rec, workers=4)
+        q.start()
+        q.add(("ns", "a"))
+        await asyncio.wait_for(rec.started.wait(), 1)
+        for _ in range(3):
+            q.add(("ns", "a"))  # while it runs
+        await asyncio.sleep(0.02)
+        assert rec.runs == [("ns", "a")]  # the rerun waits for the running one
+        rec.gate.set()
+        await until_idle(q)
+        await q.stop()
+        return rec
+
+    rec = run(main())
+    assert rec.runs == [("ns", "a"), ("ns", "a")]
+    assert rec.max_active[("ns", "a")] == 1
+
+
+def test_workqueue_never_runs_one_key_concurrently() -> None:
+    async def main() -> Recorder:
+        rec = Recorder()
+        q = WorkQueue(rec, workers=8)
+        q.start()
+        for i in range(200):
+            q.add(("ns", f"k{i % 3}"))
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+        await until_idle(q)
+        await q.stop()
+        return rec
+
+    rec = run(main())
+    assert set(rec.max_active) == {("ns", "k0"), ("ns", "k1"), ("ns", "k2")}
+    assert all(v == 1 for v in rec.max_active.values()), rec.max_active
+
+
+def test_workqueue_runs_different_keys_in_parallel() -> None:
+    async def main() -> Recorder:
+        rec = Recorder()
+        rec.gate.clear()
+        q = WorkQueue(rec, workers=4)
+        q.start()
+        for k in ("a", "b", "c"):
+            q.add(("ns", k))
+        for _ in range(100):
+            if len(rec.runs) == 3:
+                break
+            await asyncio.sleep(0.001)
+        started = list(rec.runs)
+        rec.gate.set()
+        await until_idle(q)
+        await q.stop()
+        assert sorted(started) == [("ns", "a"), ("ns", "b"), ("ns", "c")]
+        return rec
+
+    run(main())
+
+
+def test_workqueue_delayed_add_keeps_the_earliest_timer() -> None:
+    async def main() -> list[tuple[str, str]]:
+        rec = Recorder()
+        q = WorkQueue(rec, workers=2)
+        q.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for key in (("ns", "a"), ("ns", "b")):
+            rec.ran[key] = asyncio.Event()
+        q.add(("ns", "a"), delay=0.05)
+        q.add(("ns", "a"), delay=30)  # later: ignored
+        await asyncio.wait_for(rec.ran[("ns", "a")].wait(), 1)
+        assert 0.04 <= loop.time() - t0 < 1.0
+        q.add(("ns", "b"), delay=30)
+        q.add(("ns", "b"), delay=0.02)  # earlier: replaces
+        await asyncio.wait_for(rec.ran[("ns", "b")].wait(), 1)
+        await q.stop()
+        return rec.runs
+
+    assert run(main()) == [("ns", "a"), ("ns", "b")]
+
+
+def test_workqueue_keeps_running_after_a_handler_error() -> None:
+    async def main() -> list[str]:
+        seen: list[str] = []
+
+        async def handler(ns: str, name: str) -> None:
+            seen.append(name)
+            if name == "bad":
+                raise RuntimeError("boom")
+
+        q = WorkQueue(handler, workers=1)
+        q.start()
+        q.add(("ns", "bad"))
+        q.add(("ns", "good"))
+        await until_idle(q)
+        await q.stop()  # also cancels the 5 s retry timer of "bad"
+        return seen
+
+    assert run(main()) == ["bad", "good"]
+
+
+# --------------------------------------------------------------------------- annotation commands
+
+
+def test_annotation_command_counts_once_per_value() -> None:
+    from modeldeploy.reconcile import PROMOTE_ANNOTATION, _fresh, _remember_nonces
+
+    state = api.RolloutState(state=rollout.PROGRESSING, stable_revision=1, candidate_revision=2)
+    ann = {PROMOTE_ANNOTATION: "2025-01-01T00:00:00Z"}
+    assert _fresh(ann, PROMOTE_ANNOTATION, state)
+    assert not _fresh({}, PROMOTE_ANNOTATION, state)
+    assert not _fresh(ann, PROMOTE_ANNOTATION, None)
+    remembered = _remember_nonces(state, ann)
+    assert remembered.handled_promote == "2025-01-01T00:00:00Z"
+    assert not _fresh(ann, PROMOTE_ANNOTATION, remembered)
+    assert _fresh({PROMOTE_ANNOTATION: "again"}, PROMOTE_ANNOTATION, remembered)
+    assert _remember_nonces(state, {}) is state
