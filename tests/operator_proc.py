@@ -27,8 +27,15 @@ def free_port() -> int:
 class OperatorProcess:
     """One operator process. ``namespaces``: kopf namespace patterns (globs allowed)."""
 
-    def __init__(self, log_dir: Path, namespaces: list[str], *, env: dict[str, str] | None = None,
-                 resync_seconds: float = 30, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        namespaces: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        resync_seconds: float = 30,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.log_dir = log_dir
         self.namespaces = namespaces
         self.resync_seconds = resync_seconds
@@ -43,19 +50,33 @@ class OperatorProcess:
     def start(self, timeout: float = 60) -> None:
         assert self.proc is None or self.proc.poll() is not None, "operator already running"
         self.metrics_port, self.health_port = free_port(), free_port()
-        env = {**os.environ, "MODELDEPLOY_METRICS_PORT": str(self.metrics_port),
-               "MODELDEPLOY_METRICS_ADDR": "127.0.0.1",
-               "MODELDEPLOY_RESYNC_SECONDS": str(self.resync_seconds), **self.extra_env}
-        args = [sys.executable, "-m", "modeldeploy", "operator", "--standalone", "--verbose",
-                "--liveness", f"http://127.0.0.1:{self.health_port}/healthz", *self.extra_args]
+        env = {
+            **os.environ,
+            "MODELDEPLOY_METRICS_PORT": str(self.metrics_port),
+            "MODELDEPLOY_METRICS_ADDR": "127.0.0.1",
+            "MODELDEPLOY_RESYNC_SECONDS": str(self.resync_seconds),
+            **self.extra_env,
+        }
+        args = [
+            sys.executable,
+            "-m",
+            "modeldeploy",
+            "operator",
+            "--standalone",
+            "--verbose",
+            "--liveness",
+            f"http://127.0.0.1:{self.health_port}/healthz",
+            *self.extra_args,
+        ]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"\n==== start #{self.starts}: {' '.join(args)}\n".encode())
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         wait_for(self.healthy, timeout, message=lambda: f"operator healthy; log tail:\n{self.tail()}")
 
     def healthy(self) -> bool:
@@ -117,11 +138,15 @@ class OperatorProcess:
 
 def install_crd(cluster: Any) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/modeldeployments.modeldeploy.io")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/modeldeployments.modeldeploy.io"
+    )
     # Discovery can lag Established by a moment: wait until the resource is served.
-    wait_for(lambda: cluster.kubectl("get", "modeldeployments", "-A", check=False).returncode == 0, 30,
-             message="modeldeployments served")
+    wait_for(
+        lambda: cluster.kubectl("get", "modeldeployments", "-A", check=False).returncode == 0,
+        30,
+        message="modeldeployments served",
+    )
 
 
 def time_since(t0: float) -> float:

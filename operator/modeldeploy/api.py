@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "modeldeploy.io"
 VERSION = "v1alpha1"
@@ -34,9 +35,9 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i?|[mkMGTPE])?$"
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     """One ``x-kubernetes-validations`` entry."""
-    out = {"rule": rule, "message": message}
+    out: JsonDict = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
@@ -121,9 +122,14 @@ class InstanceGroup(_Model):
         extra="forbid",
         populate_by_name=True,
         alias_generator=to_camel,
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("!has(self.gpus) || (has(self.kind) && self.kind == 'KIND_GPU')",
-                "instanceGroups[].gpus applies only to kind KIND_GPU")]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.gpus) || (has(self.kind) && self.kind == 'KIND_GPU')",
+                    "instanceGroups[].gpus applies only to kind KIND_GPU",
+                )
+            ]
+        },
     )
 
     kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = Field(
@@ -265,7 +271,8 @@ class ModelSpec(_Model):
         description="Model version (the numbered directory in the repository) to serve. Changing it starts a rollout.",
     )
     config: ModelConfig | None = Field(
-        default=None, description="Triton model config, rendered into config.pbtxt when the repository has none."
+        default=None,
+        description="Triton model config, rendered into config.pbtxt when the repository has none.",
     )
     credentials_secret: Name | None = Field(
         default=None,
@@ -328,9 +335,13 @@ class EnvVarSource(_Model):
 class EnvVar(_Model):
     """An environment variable for the Triton container."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Name.")
+    name: str = Field(
+        min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Name."
+    )
     value: str | None = Field(default=None, max_length=32768, description="Literal value.")
-    value_from: EnvVarSource | None = Field(default=None, description="Value from a Secret, ConfigMap or field.")
+    value_from: EnvVarSource | None = Field(
+        default=None, description="Value from a Secret, ConfigMap or field."
+    )
 
 
 class Resources(_Model):
@@ -360,7 +371,10 @@ class ServerSpec(_Model):
     """The Triton server pods."""
 
     image: str = Field(
-        default=DEFAULT_TRITON_IMAGE, min_length=1, max_length=512, description="Triton image (pinned release)."
+        default=DEFAULT_TRITON_IMAGE,
+        min_length=1,
+        max_length=512,
+        description="Triton image (pinned release).",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy."
@@ -368,8 +382,12 @@ class ServerSpec(_Model):
     args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="Extra tritonserver arguments."
     )
-    resources: Resources | None = Field(default=None, description="Container resources, incl. nvidia.com/gpu.")
-    env: list[EnvVar] = Field(default_factory=list, max_length=128, description="Extra environment variables.")
+    resources: Resources | None = Field(
+        default=None, description="Container resources, incl. nvidia.com/gpu."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=128, description="Extra environment variables."
+    )
     node_selector: LabelMap | None = Field(default=None, description="Node selector for Triton pods.")
     tolerations: list[Toleration] | None = Field(default=None, max_length=32, description="Pod tolerations.")
     affinity: dict[str, Any] | None = Field(
@@ -419,7 +437,11 @@ class AutoscalingSpec(_Model):
     min_replicas: int = Field(default=1, ge=1, le=10_000, description="Lower bound of replicas.")
     max_replicas: int = Field(ge=1, le=10_000, description="Upper bound of replicas.")
     target_cpu_utilization: int | None = Field(
-        default=None, alias="targetCPUUtilization", ge=1, le=1000, description="Target average CPU utilisation (%)."
+        default=None,
+        alias="targetCPUUtilization",
+        ge=1,
+        le=1000,
+        description="Target average CPU utilisation (%).",
     )
     queue_time_microseconds: int | None = Field(
         default=None,
@@ -432,7 +454,10 @@ class AutoscalingSpec(_Model):
         description="Target pending requests per pod (Pods metric nv_inference_pending_request_count).",
     )
     gpu_utilization: int | None = Field(
-        default=None, ge=1, le=100, description="Target GPU utilisation % averaged per pod (External metric nv_gpu_utilization)."
+        default=None,
+        ge=1,
+        le=100,
+        description="Target GPU utilisation % averaged per pod (External metric nv_gpu_utilization).",
     )
     behavior: dict[str, Any] | None = Field(
         default=None,
@@ -444,10 +469,19 @@ class AutoscalingSpec(_Model):
     def _cross_fields(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling.minReplicas must be <= autoscaling.maxReplicas")
-        if not any(v is not None for v in (self.target_cpu_utilization, self.queue_time_microseconds,
-                                            self.pending_requests, self.gpu_utilization)):
-            raise ValueError("autoscaling needs at least one target: targetCPUUtilization, "
-                             "queueTimeMicroseconds, pendingRequests or gpuUtilization")
+        if not any(
+            v is not None
+            for v in (
+                self.target_cpu_utilization,
+                self.queue_time_microseconds,
+                self.pending_requests,
+                self.gpu_utilization,
+            )
+        ):
+            raise ValueError(
+                "autoscaling needs at least one target: targetCPUUtilization, "
+                "queueTimeMicroseconds, pendingRequests or gpuUtilization"
+            )
         return self
 
 
@@ -475,7 +509,9 @@ class PDBSpec(_Model):
     @model_validator(mode="after")
     def _cross_fields(self) -> PDBSpec:
         if self.min_available is not None and self.max_unavailable is not None:
-            raise ValueError("set only one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable")
+            raise ValueError(
+                "set only one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable"
+            )
         return self
 
 
@@ -541,13 +577,18 @@ class AnalysisSpec(_Model):
     prometheus_url: str | None = Field(
         default=None, max_length=2048, pattern=r"^https?://[^\s]+$", description="Prometheus base URL."
     )
-    scrape: bool = Field(default=False, description="Scrape candidate pods' :8002/metrics directly (no Prometheus).")
+    scrape: bool = Field(
+        default=False, description="Scrape candidate pods' :8002/metrics directly (no Prometheus)."
+    )
     interval: Duration = Field(default="30s", description="Length of each analysis window.")
     min_requests: int = Field(
         default=20, ge=0, description="Below this many requests in a window the verdict is Inconclusive."
     )
     max_inconclusive: int = Field(
-        default=3, ge=0, le=100, description="Consecutive inconclusive windows tolerated before the step fails."
+        default=3,
+        ge=0,
+        le=100,
+        description="Consecutive inconclusive windows tolerated before the step fails.",
     )
     thresholds: Thresholds = Field(default_factory=Thresholds, description="Limits checked each window.")
 
@@ -561,7 +602,9 @@ class AnalysisSpec(_Model):
 class BlueGreenSpec(_Model):
     """Blue-green settings."""
 
-    auto_promote: bool = Field(default=True, description="Flip traffic as soon as the preview is ready and healthy.")
+    auto_promote: bool = Field(
+        default=True, description="Flip traffic as soon as the preview is ready and healthy."
+    )
     scale_down_delay_seconds: int = Field(
         default=30, ge=0, le=86400, description="Keep the old revision this long after promotion."
     )
@@ -656,7 +699,9 @@ class ServicePorts(_Model):
 class ServiceSpec(_Model):
     """The Services in front of Triton."""
 
-    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="Service type."
+    )
     annotations: LabelMap | None = Field(default=None, description="Annotations on the main Service.")
     ports: ServicePorts = Field(default_factory=ServicePorts, description="Exposed ports.")
 
@@ -696,7 +741,9 @@ class ModelDeploymentSpec(_Model):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout strategy and gates.")
     rollback_to: RollbackTo | None = Field(default=None, description="Serve this earlier revision.")
     paused: bool = Field(default=False, description="Pause an ongoing rollout where it is.")
-    revision_history_limit: int = Field(default=10, ge=1, le=100, description="Revisions remembered in status.")
+    revision_history_limit: int = Field(
+        default=10, ge=1, le=100, description="Revisions remembered in status."
+    )
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Services.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="ServiceMonitor.")
     pod_disruption_budget: PDBSpec | None = Field(default=None, description="Optional PodDisruptionBudget.")
@@ -704,7 +751,9 @@ class ModelDeploymentSpec(_Model):
     @model_validator(mode="after")
     def _cross_fields(self) -> ModelDeploymentSpec:
         if self.replicas is not None and self.autoscaling is not None:
-            raise ValueError("set spec.replicas or spec.autoscaling, not both (with autoscaling the HPA owns replicas)")
+            raise ValueError(
+                "set spec.replicas or spec.autoscaling, not both (with autoscaling the HPA owns replicas)"
+            )
         return self
 
     @property
@@ -800,9 +849,13 @@ class RolloutState(_Model):
     started_at: str | None = Field(default=None, description="When the rollout began.")
     step_ready_at: str | None = Field(default=None, description="When the current step's pods became ready.")
     reason: str | None = Field(default=None, max_length=1024, description="Why it is in this state.")
-    scale_down_at: str | None = Field(default=None, description="When the superseded revision scales to zero.")
+    scale_down_at: str | None = Field(
+        default=None, description="When the superseded revision scales to zero."
+    )
     scale_down_revision: int | None = Field(default=None, description="Revision awaiting scale-down.")
-    handled_promote: str | None = Field(default=None, description="Last modeldeploy.io/promote value acted on.")
+    handled_promote: str | None = Field(
+        default=None, description="Last modeldeploy.io/promote value acted on."
+    )
     handled_resume: str | None = Field(default=None, description="Last modeldeploy.io/resume value acted on.")
     handled_abort: str | None = Field(default=None, description="Last modeldeploy.io/abort value acted on.")
 
@@ -823,10 +876,14 @@ class ModelDeploymentStatus(_Model):
         default=None, description="Pending, Progressing, Ready, Paused, Degraded, RolledBack or Failed."
     )
     message: str | None = Field(default=None, max_length=4096, description="Summary of the phase.")
-    conditions: list[Condition] | None = Field(default=None, description="Ready, Progressing, Degraded, RolledBack.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Ready, Progressing, Degraded, RolledBack."
+    )
     replicas: int | None = Field(default=None, description="Pods of all revisions.")
     ready_replicas: int | None = Field(default=None, description="Ready pods of all revisions.")
-    ready: str | None = Field(default=None, description="Ready/desired pods of the serving revision, e.g. 2/2.")
+    ready: str | None = Field(
+        default=None, description="Ready/desired pods of the serving revision, e.g. 2/2."
+    )
     selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
     strategy: str | None = Field(default=None, description="Effective rollout strategy.")
     serving_version: int | None = Field(default=None, description="Model version of the stable revision.")
@@ -839,4 +896,3 @@ class ModelDeploymentStatus(_Model):
     last_analysis: AnalysisResult | None = Field(default=None, description="Last analysis verdict.")
     endpoints: Endpoints | None = Field(default=None, description="Service URLs.")
     history: list[RevisionRecord] | None = Field(default=None, description="Revisions, oldest first.")
-

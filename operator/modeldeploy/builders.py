@@ -65,8 +65,9 @@ def revision_labels(owner: Owner, spec: api.ModelDeploymentSpec, rev: str) -> di
     return {**common_labels(owner, spec, COMPONENT_SERVER), LABEL_REVISION: rev}
 
 
-def _meta(owner: Owner, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
-          ) -> dict[str, Any]:
+def _meta(
+    owner: Owner, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": owner.namespace,
@@ -145,7 +146,9 @@ def _credentials_env(spec: api.ModelDeploymentSpec) -> tuple[list[dict[str, Any]
     env_from = [{"secretRef": {"name": secret}}]
     env: list[dict[str, Any]] = []
     if spec.model.scheme == "gs":
-        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/service-account.json"})
+        env.append(
+            {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/service-account.json"}
+        )
     return env_from, env
 
 
@@ -181,8 +184,9 @@ RESTRICTED_POD_SECURITY = {
 }
 
 
-def build_pod_template(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *,
-                       stager_image: str = DEFAULT_STAGER_IMAGE) -> dict[str, Any]:
+def build_pod_template(
+    owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *, stager_image: str = DEFAULT_STAGER_IMAGE
+) -> dict[str, Any]:
     server = spec.server
     name = model_name(owner, spec)
     version = spec.model.version
@@ -198,10 +202,14 @@ def build_pod_template(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *,
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if spec.model.credentials_secret:
-        volumes.append({"name": "storage-credentials", "secret": {"secretName": spec.model.credentials_secret}})
+        volumes.append(
+            {"name": "storage-credentials", "secret": {"secretName": spec.model.credentials_secret}}
+        )
     claim = pvc_claim(spec)
     if claim:
-        volumes.append({"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim[0], "readOnly": True}})
+        volumes.append(
+            {"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim[0], "readOnly": True}}
+        )
 
     init_containers: list[dict[str, Any]] = []
     if needs_staging(spec):
@@ -223,16 +231,20 @@ def build_pod_template(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *,
             stage_mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT_DIR, "readOnly": True})
             stage_args.append(f"--pvc-root={PVC_MOUNT_DIR}")
         if spec.model.credentials_secret:
-            stage_mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+            stage_mounts.append(
+                {"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True}
+            )
             stage_args.append(f"--credentials-dir={CREDENTIALS_DIR}")
-        init_containers.append({
-            "name": "stage-model",
-            "image": stager_image,
-            "args": stage_args,
-            "volumeMounts": stage_mounts,
-            "securityContext": RESTRICTED_CONTAINER_SECURITY,
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-        })
+        init_containers.append(
+            {
+                "name": "stage-model",
+                "image": stager_image,
+                "args": stage_args,
+                "volumeMounts": stage_mounts,
+                "securityContext": RESTRICTED_CONTAINER_SECURITY,
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+            }
+        )
     else:
         if spec.model.credentials_secret:
             mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
@@ -298,8 +310,15 @@ def build_pod_template(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *,
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
 
-def build_deployment(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *, revision_number: int,
-                     replicas: int | None, stager_image: str = DEFAULT_STAGER_IMAGE) -> dict[str, Any]:
+def build_deployment(
+    owner: Owner,
+    spec: api.ModelDeploymentSpec,
+    rev: str,
+    *,
+    revision_number: int,
+    replicas: int | None,
+    stager_image: str = DEFAULT_STAGER_IMAGE,
+) -> dict[str, Any]:
     """The Triton Deployment of one revision. ``replicas=None`` leaves the field to the HPA."""
     strategy = spec.rollout.strategy
     selector = {LABEL_NAME: owner.name}
@@ -313,8 +332,10 @@ def build_deployment(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *, r
         max_surge = 1
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
-        "strategy": {"type": "RollingUpdate",
-                     "rollingUpdate": {"maxSurge": max_surge, "maxUnavailable": max_unavailable}},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": max_surge, "maxUnavailable": max_unavailable},
+        },
         "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
         "revisionHistoryLimit": 2,
         "template": build_pod_template(owner, spec, rev, stager_image=stager_image),
@@ -324,8 +345,12 @@ def build_deployment(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *, r
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(owner, deployment_name(owner, rev, strategy), revision_labels(owner, spec, rev),
-                          {ANNOTATION_REVISION_NUMBER: str(revision_number)}),
+        "metadata": _meta(
+            owner,
+            deployment_name(owner, rev, strategy),
+            revision_labels(owner, spec, rev),
+            {ANNOTATION_REVISION_NUMBER: str(revision_number)},
+        ),
         "spec": dep_spec,
     }
 
@@ -351,15 +376,23 @@ def _service_ports(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
     if spec.service.ports.http:
         ports.append({"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"})
     if spec.service.ports.grpc:
-        ports.append({"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                      "appProtocol": "grpc"})
+        ports.append(
+            {
+                "name": "grpc",
+                "port": GRPC_PORT,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "grpc",
+            }
+        )
     if spec.service.ports.metrics:
         ports.append({"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"})
     return ports
 
 
-def build_services(owner: Owner, spec: api.ModelDeploymentSpec, *, stable: str, candidate: str | None
-                   ) -> list[dict[str, Any]]:
+def build_services(
+    owner: Owner, spec: api.ModelDeploymentSpec, *, stable: str, candidate: str | None
+) -> list[dict[str, Any]]:
     """The main Service plus direct-access Services.
 
     Canary and Rolling: the main Service selects every ready pod of the model, so traffic
@@ -385,37 +418,72 @@ def build_services(owner: Owner, spec: api.ModelDeploymentSpec, *, stable: str, 
             svc_spec["type"] = spec.service.type
             annotations = dict(spec.service.annotations) if spec.service.annotations else None
         labels = {**common_labels(owner, spec, "service"), "modeldeploy.io/role": role}
-        out.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, name, labels, annotations),
-                    "spec": svc_spec})
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": _meta(owner, name, labels, annotations),
+                "spec": svc_spec,
+            }
+        )
     return out
 
 
 # --------------------------------------------------------------------------- scaling
 
 
-def build_hpa(owner: Owner, spec: api.ModelDeploymentSpec, *, target: str, min_replicas: int | None = None
-              ) -> dict[str, Any] | None:
+def build_hpa(
+    owner: Owner, spec: api.ModelDeploymentSpec, *, target: str, min_replicas: int | None = None
+) -> dict[str, Any] | None:
     """HPA on the stable Deployment. ``min_replicas`` can freeze the floor during a rollout."""
     auto = spec.autoscaling
     if auto is None:
         return None
     metrics: list[dict[str, Any]] = []
     if auto.target_cpu_utilization is not None:
-        metrics.append({"type": "Resource", "resource": {
-            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization}}})
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization},
+                },
+            }
+        )
     if auto.queue_time_microseconds is not None:
-        metrics.append({"type": "Pods", "pods": {
-            "metric": {"name": "avg_time_queue_us"},
-            "target": {"type": "AverageValue", "averageValue": str(auto.queue_time_microseconds)}}})
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "avg_time_queue_us"},
+                    "target": {"type": "AverageValue", "averageValue": str(auto.queue_time_microseconds)},
+                },
+            }
+        )
     if auto.pending_requests is not None:
-        metrics.append({"type": "Pods", "pods": {
-            "metric": {"name": "nv_inference_pending_request_count"},
-            "target": {"type": "AverageValue", "averageValue": str(auto.pending_requests)}}})
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "nv_inference_pending_request_count"},
+                    "target": {"type": "AverageValue", "averageValue": str(auto.pending_requests)},
+                },
+            }
+        )
     if auto.gpu_utilization is not None:
-        metrics.append({"type": "External", "external": {
-            "metric": {"name": "nv_gpu_utilization", "selector": {"matchLabels": {LABEL_NAME: owner.name}}},
-            # Triton exports utilisation as 0.0-1.0 per GPU; averaged per pod.
-            "target": {"type": "AverageValue", "averageValue": f"{auto.gpu_utilization * 10}m"}}})
+        metrics.append(
+            {
+                "type": "External",
+                "external": {
+                    "metric": {
+                        "name": "nv_gpu_utilization",
+                        "selector": {"matchLabels": {LABEL_NAME: owner.name}},
+                    },
+                    # Triton exports utilisation as 0.0-1.0 per GPU; averaged per pod.
+                    "target": {"type": "AverageValue", "averageValue": f"{auto.gpu_utilization * 10}m"},
+                },
+            }
+        )
     floor = max(auto.min_replicas, min(min_replicas or 0, auto.max_replicas))
     hpa_spec: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
@@ -438,7 +506,9 @@ def build_pdb(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any] | N
     if pdb is None or not pdb.enabled:
         return None
     pdb_spec: dict[str, Any] = {
-        "selector": {"matchLabels": {LABEL_NAME: owner.name, "app.kubernetes.io/component": COMPONENT_SERVER}},
+        "selector": {
+            "matchLabels": {LABEL_NAME: owner.name, "app.kubernetes.io/component": COMPONENT_SERVER}
+        },
     }
     if pdb.min_available is not None:
         pdb_spec["minAvailable"] = pdb.min_available

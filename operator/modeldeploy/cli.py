@@ -20,15 +20,25 @@ def render(doc: dict[str, Any], namespace: str | None = None) -> list[dict[str, 
     if not meta.get("name"):
         raise SystemExit("error: metadata.name is required")
     spec = api.ModelDeploymentSpec.model_validate(doc.get("spec") or {})
-    owner = builders.Owner(name=meta["name"], namespace=namespace or meta.get("namespace") or "default",
-                           uid="00000000-0000-0000-0000-000000000000")
+    owner = builders.Owner(
+        name=meta["name"],
+        namespace=namespace or meta.get("namespace") or "default",
+        uid="00000000-0000-0000-0000-000000000000",
+    )
     rev = revision.revision_hash(spec)
     objs: list[dict[str, Any]] = []
     cm = builders.build_config_map(owner, spec, rev)
     if cm:
         objs.append(cm)
-    objs.append(builders.build_deployment(owner, spec, rev, revision_number=1,
-                                          replicas=None if spec.autoscaling else spec.effective_replicas))
+    objs.append(
+        builders.build_deployment(
+            owner,
+            spec,
+            rev,
+            revision_number=1,
+            replicas=None if spec.autoscaling else spec.effective_replicas,
+        )
+    )
     objs.extend(builders.build_services(owner, spec, stable=rev, candidate=None))
     hpa = builders.build_hpa(owner, spec, target=builders.deployment_name(owner, rev, spec.rollout.strategy))
     if hpa:
@@ -54,8 +64,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if args.show_config:
         for obj in out:
             if obj["kind"] == "ConfigMap":
-                print(f"# config.pbtxt of {obj['metadata']['name']}:\n{obj['data']['config.pbtxt']}",
-                      file=sys.stderr)
+                print(
+                    f"# config.pbtxt of {obj['metadata']['name']}:\n{obj['data']['config.pbtxt']}",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -90,8 +102,11 @@ def operator_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "run":
-        print("usage: modeldeploy-operator run [-n NS ...|-A] [--standalone|--peering NAME] "
-              "[--liveness URL] [-v]", file=sys.stderr)
+        print(
+            "usage: modeldeploy-operator run [-n NS ...|-A] [--standalone|--peering NAME] "
+            "[--liveness URL] [-v]",
+            file=sys.stderr,
+        )
         return 2
     rest = argv[1:]
     if not any(a in ("-A", "--all-namespaces") or a.startswith(("-n", "--namespace")) for a in rest):

@@ -12,6 +12,7 @@ import copy
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from . import api
 
@@ -19,19 +20,47 @@ MAX_NAME_LENGTH = 55  # NAME-preview, NAME-canary must stay DNS-1035 labels (<= 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready", "description": "Ready/desired pods."},
-    {"name": "Version", "type": "integer", "jsonPath": ".status.servingVersion",
-     "description": "Model version serving stable traffic."},
-    {"name": "Strategy", "type": "string", "jsonPath": ".status.strategy", "description": "Rollout strategy."},
+    {
+        "name": "Version",
+        "type": "integer",
+        "jsonPath": ".status.servingVersion",
+        "description": "Model version serving stable traffic.",
+    },
+    {
+        "name": "Strategy",
+        "type": "string",
+        "jsonPath": ".status.strategy",
+        "description": "Rollout strategy.",
+    },
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
-    {"name": "Weight", "type": "integer", "jsonPath": ".status.canaryWeight",
-     "description": "Percent of traffic on the candidate."},
+    {
+        "name": "Weight",
+        "type": "integer",
+        "jsonPath": ".status.canaryWeight",
+        "description": "Percent of traffic on the candidate.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {"name": "Stable", "type": "integer", "jsonPath": ".status.stableRevision", "priority": 1,
-     "description": "Stable revision."},
-    {"name": "Candidate", "type": "integer", "jsonPath": ".status.candidateRevision", "priority": 1,
-     "description": "Candidate revision."},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.currentStep", "priority": 1,
-     "description": "Canary step index."},
+    {
+        "name": "Stable",
+        "type": "integer",
+        "jsonPath": ".status.stableRevision",
+        "priority": 1,
+        "description": "Stable revision.",
+    },
+    {
+        "name": "Candidate",
+        "type": "integer",
+        "jsonPath": ".status.candidateRevision",
+        "priority": 1,
+        "description": "Candidate revision.",
+    },
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.currentStep",
+        "priority": 1,
+        "description": "Canary step index.",
+    },
 ]
 
 _DROP = {"title", "default", "examples", "propertyNames"}
@@ -86,7 +115,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def schema_of(model: type[api.BaseModel]) -> dict[str, Any]:
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     return _structural(raw, defs)  # type: ignore[no-any-return]

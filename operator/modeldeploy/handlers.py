@@ -110,9 +110,12 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
-    OP.reconciler = Reconciler(OP.kube, OP.cache, post_event=_post_event,
-                               stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE",
-                                                           builders.DEFAULT_STAGER_IMAGE))
+    OP.reconciler = Reconciler(
+        OP.kube,
+        OP.cache,
+        post_event=_post_event,
+        stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE", builders.DEFAULT_STAGER_IMAGE),
+    )
     OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "8")))
     OP.queue.start()
     OP.resync_task = asyncio.create_task(_resync())
@@ -130,8 +133,10 @@ async def cleanup(**_: Any) -> None:
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-async def modeldeployment_event(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any
-                                ) -> None:
+async def modeldeployment_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
+    assert namespace is not None  # ModelDeployments are namespaced
     if event.get("type") == "DELETED":
         OP.cache.delete(api.KIND, namespace, name)
         metrics.forget(namespace, name)
@@ -144,11 +149,19 @@ async def modeldeployment_event(event: dict[str, Any], body: kopf.Body, namespac
 
 
 def _register_child(group: str, version: str, plural: str) -> None:
-    kind = {"deployments": "Deployment", "pods": "Pod", "services": "Service", "configmaps": "ConfigMap",
-            "horizontalpodautoscalers": "HorizontalPodAutoscaler",
-            "poddisruptionbudgets": "PodDisruptionBudget"}[plural]
+    kind = {
+        "deployments": "Deployment",
+        "pods": "Pod",
+        "services": "Service",
+        "configmaps": "ConfigMap",
+        "horizontalpodautoscalers": "HorizontalPodAutoscaler",
+        "poddisruptionbudgets": "PodDisruptionBudget",
+    }[plural]
 
-    async def child_event(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+    async def child_event(
+        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
+    ) -> None:
+        assert namespace is not None
         if event.get("type") == "DELETED":
             OP.cache.delete(kind, namespace, name)
         else:

@@ -16,8 +16,8 @@ import logging
 import os
 import ssl
 import tempfile
-from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -106,8 +106,13 @@ def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
 class Kube:
     """Async API client bound to one set of credentials."""
 
-    def __init__(self, info: kopf.ConnectionInfo, *, relogin: Callable[[], Awaitable[kopf.ConnectionInfo]] | None
-                 = None, request_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        info: kopf.ConnectionInfo,
+        *,
+        relogin: Callable[[], Awaitable[kopf.ConnectionInfo]] | None = None,
+        request_timeout: float = 30.0,
+    ) -> None:
         self._info = info
         self._relogin = relogin
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
@@ -126,16 +131,26 @@ class Kube:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=ssl_context(self._info), limit=32)
-            self._session = aiohttp.ClientSession(self._info.server.rstrip("/"), connector=connector,
-                                                  timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                self._info.server.rstrip("/"), connector=connector, timeout=self._timeout
+            )
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
-    async def request(self, method: str, path: str, *, kind: str = "", params: dict[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json", ok404: bool = False) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str = "",
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        ok404: bool = False,
+    ) -> Any:
         data = None if body is None else json.dumps(body)
         write = method in ("POST", "PUT", "PATCH", "DELETE")
         delay = 0.2
@@ -177,15 +192,17 @@ class Kube:
 
     async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self.request(
-            "GET", path_for(kind, namespace, name), kind=kind, ok404=True)
+            "GET", path_for(kind, namespace, name), kind=kind, ok404=True
+        )
         return result
 
     async def exists(self, kind: str, namespace: str, name: str) -> bool:
         """Existence only; the object's data (e.g. a Secret's) is not kept."""
         return await self.get(kind, namespace, name) is not None
 
-    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None
-                   ) -> list[dict[str, Any]]:
+    async def list(
+        self, kind: str, namespace: str | None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None
         result = await self.request("GET", path_for(kind, namespace), kind=kind, params=params, ok404=True)
         return list(result.get("items", [])) if result else []
@@ -194,20 +211,35 @@ class Kube:
         """Server-side apply under our single field manager (force: we own our fields)."""
         meta = obj["metadata"]
         result: dict[str, Any] = await self.request(
-            "PATCH", path_for(obj["kind"], meta.get("namespace"), meta["name"]), kind=obj["kind"],
-            params={"fieldManager": MANAGER, "force": "true"}, body=obj,
-            content_type="application/apply-patch+yaml")
+            "PATCH",
+            path_for(obj["kind"], meta.get("namespace"), meta["name"]),
+            kind=obj["kind"],
+            params={"fieldManager": MANAGER, "force": "true"},
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
         return result
 
-    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
         result: dict[str, Any] = await self.request(
-            "PATCH", path_for(kind, namespace, name, "status"), kind=kind, body={"status": status},
-            content_type="application/merge-patch+json")
+            "PATCH",
+            path_for(kind, namespace, name, "status"),
+            kind=kind,
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
         return result
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:
-        await self.request("DELETE", path_for(kind, namespace, name), kind=kind, ok404=True,
-                           body={"propagationPolicy": "Background"})
+        await self.request(
+            "DELETE",
+            path_for(kind, namespace, name),
+            kind=kind,
+            ok404=True,
+            body={"propagationPolicy": "Background"},
+        )
 
     async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj`` (a milestone; never carries secrets)."""
@@ -217,8 +249,13 @@ class Kube:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
             "type": type_,
             "reason": reason,
             "message": message[:1024],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -11,10 +12,14 @@ RECONCILES = Counter("modeldeploy_reconciles_total", "Reconciles run")
 RECONCILE_ERRORS = Counter("modeldeploy_reconcile_errors_total", "Reconciles that raised")
 RECONCILE_SECONDS = Histogram("modeldeploy_reconcile_duration_seconds", "Reconcile latency")
 PHASES = ("Pending", "Progressing", "Ready", "Paused", "Degraded", "RolledBack", "Failed")
-PHASE = Gauge("modeldeploy_phase", "1 for the ModelDeployment's current phase", ["namespace", "name", "phase"])
+PHASE = Gauge(
+    "modeldeploy_phase", "1 for the ModelDeployment's current phase", ["namespace", "name", "phase"]
+)
 WEIGHT = Gauge("modeldeploy_canary_weight", "Percent of traffic on the candidate", ["namespace", "name"])
 ANALYSIS = Gauge("modeldeploy_analysis_value", "Last analysis values", ["namespace", "name", "metric"])
-ROLLBACKS = Counter("modeldeploy_rollbacks_total", "Automatic rollbacks and aborts", ["namespace", "name", "reason"])
+ROLLBACKS = Counter(
+    "modeldeploy_rollbacks_total", "Automatic rollbacks and aborts", ["namespace", "name", "reason"]
+)
 
 
 def start_server() -> None:
@@ -41,11 +46,7 @@ def observe_event(md: dict[str, Any], reason: str) -> None:
 
 def forget(namespace: str, name: str) -> None:
     for phase in PHASES:
-        try:
+        with contextlib.suppress(KeyError):
             PHASE.remove(namespace, name, phase)
-        except KeyError:
-            pass
-    try:
+    with contextlib.suppress(KeyError):
         WEIGHT.remove(namespace, name)
-    except KeyError:
-        pass

@@ -33,8 +33,9 @@ def with_pod_shaping(spec: api.ModelDeploymentSpec, shaping: dict[str, Any]) -> 
     return api.ModelDeploymentSpec.model_validate(data)
 
 
-def find(history: list[api.RevisionRecord], *, number: int | None = None, hash: str | None = None
-         ) -> api.RevisionRecord | None:
+def find(
+    history: list[api.RevisionRecord], *, number: int | None = None, hash: str | None = None
+) -> api.RevisionRecord | None:
     for rec in history:
         if (number is not None and rec.revision == number) or (hash is not None and rec.hash == hash):
             return rec

@@ -8,8 +8,16 @@ from . import api, rollout
 READY, PROGRESSING, DEGRADED, ROLLED_BACK = "Ready", "Progressing", "Degraded", "RolledBack"
 
 
-def set_condition(conditions: list[api.Condition], type_: str, status: bool | str, reason: str, message: str,
-                  *, now: str, generation: int | None) -> list[api.Condition]:
+def set_condition(
+    conditions: list[api.Condition],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int | None,
+) -> list[api.Condition]:
     """Return ``conditions`` with ``type_`` set; lastTransitionTime changes only when status does."""
     value = status if isinstance(status, str) else ("True" if status else "False")
     out = []
@@ -18,22 +26,48 @@ def set_condition(conditions: list[api.Condition], type_: str, status: bool | st
         if cond.type == type_:
             found = True
             ltt = cond.last_transition_time if cond.status == value else now
-            out.append(api.Condition(type=type_, status=value, reason=reason, message=message,  # type: ignore[arg-type]
-                                     last_transition_time=ltt, observed_generation=generation))
+            out.append(
+                api.Condition(
+                    type=type_,
+                    status=value,
+                    reason=reason,
+                    message=message,
+                    last_transition_time=ltt,
+                    observed_generation=generation,
+                )
+            )
         else:
             out.append(cond)
     if not found:
-        out.append(api.Condition(type=type_, status=value, reason=reason, message=message,  # type: ignore[arg-type]
-                                 last_transition_time=now, observed_generation=generation))
+        out.append(
+            api.Condition(
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
     return out
 
 
-def phase_of(state: api.RolloutState, *, stable_ready: int, stable_desired: int, first_failure: str | None,
-             spec_error: str | None, was_ready: bool) -> tuple[str, str]:
+def phase_of(
+    state: api.RolloutState,
+    *,
+    stable_ready: int,
+    stable_desired: int,
+    first_failure: str | None,
+    spec_error: str | None,
+    was_ready: bool,
+) -> tuple[str, str]:
     """(phase, message) from the rollout state and what the stable revision shows."""
     if state.state in (rollout.ROLLED_BACK, rollout.ABORTED):
-        return "RolledBack", f"revision {state.candidate_revision} {state.state.lower()}: {state.reason}; " \
-                             f"serving revision {state.stable_revision}"
+        return (
+            "RolledBack",
+            f"revision {state.candidate_revision} {state.state.lower()}: {state.reason}; "
+            f"serving revision {state.stable_revision}",
+        )
     if state.stable_revision is None:
         if first_failure:
             return "Failed", f"revision {state.candidate_revision} cannot become ready: {first_failure}"
@@ -43,10 +77,16 @@ def phase_of(state: api.RolloutState, *, stable_ready: int, stable_desired: int,
     if state.state == rollout.PAUSED:
         return "Paused", f"rollout of revision {state.candidate_revision} paused: {state.reason}"
     if state.state in (rollout.PROGRESSING, rollout.PROMOTING):
-        return "Progressing", f"rolling out revision {state.candidate_revision} " \
-                              f"(step {state.step + 1}, weight {state.weight}%)"
+        return (
+            "Progressing",
+            f"rolling out revision {state.candidate_revision} "
+            f"(step {state.step + 1}, weight {state.weight}%)",
+        )
     if stable_ready < stable_desired:
         if was_ready:
-            return "Degraded", f"{stable_ready}/{stable_desired} pods of revision {state.stable_revision} ready"
+            return (
+                "Degraded",
+                f"{stable_ready}/{stable_desired} pods of revision {state.stable_revision} ready",
+            )
         return "Pending", f"waiting for pods: {stable_ready}/{stable_desired} ready"
     return "Ready", f"serving revision {state.stable_revision}"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kube import Cluster, unique_name, wait_for
 from operator_proc import OperatorProcess, install_crd
 
@@ -22,7 +23,9 @@ def crd(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     """One operator for the session, watching every ``md-*`` namespace."""
     op = OperatorProcess(tmp_path_factory.mktemp("operator"), ["md-*"], resync_seconds=10)
     op.start()
@@ -70,7 +73,8 @@ class MD:
 
     def get(self) -> dict[str, Any]:
         obj: dict[str, Any] = self.cluster.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, self.name)
+            GROUP, VERSION, self.namespace, PLURAL, self.name
+        )
         return obj
 
     def status(self) -> dict[str, Any]:
@@ -80,27 +84,40 @@ class MD:
         return next((c for c in self.status().get("conditions") or [] if c["type"] == type_), None)
 
     def patch(self, patch: dict[str, Any]) -> None:
-        self.cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name,
-                                                           patch)
+        self.cluster.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, patch
+        )
 
     def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(lambda: self.status() if self.status().get("phase") == phase else None, timeout,
-                        message=lambda: f"{self.name} phase {phase}; status: {self.status()}")
+        return wait_for(
+            lambda: self.status() if self.status().get("phase") == phase else None,
+            timeout,
+            message=lambda: f"{self.name} phase {phase}; status: {self.status()}",
+        )
 
     def deployments(self) -> list[Any]:
-        return list(self.cluster.apps.list_namespaced_deployment(
-            self.namespace, label_selector=f"modeldeploy.io/name={self.name}").items)
+        return list(
+            self.cluster.apps.list_namespaced_deployment(
+                self.namespace, label_selector=f"modeldeploy.io/name={self.name}"
+            ).items
+        )
 
     def pods(self, revision: str | None = None) -> list[Any]:
         sel = f"modeldeploy.io/name={self.name}"
         if revision:
             sel += f",modeldeploy.io/revision={revision}"
-        return [p for p in self.cluster.core.list_namespaced_pod(self.namespace, label_selector=sel).items
-                if p.metadata.deletion_timestamp is None]
+        return [
+            p
+            for p in self.cluster.core.list_namespaced_pod(self.namespace, label_selector=sel).items
+            if p.metadata.deletion_timestamp is None
+        ]
 
     def events(self) -> list[Any]:
-        return [e for e in self.cluster.core.list_namespaced_event(self.namespace).items
-                if e.involved_object.name == self.name and e.involved_object.kind == "ModelDeployment"]
+        return [
+            e
+            for e in self.cluster.core.list_namespaced_event(self.namespace).items
+            if e.involved_object.name == self.name and e.involved_object.kind == "ModelDeployment"
+        ]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+
 from conftest import MD, model_deployment
 from kube import Cluster, hold_for, unique_name, wait_for
 from operator_proc import OperatorProcess
@@ -27,14 +28,27 @@ def _wait_single_deployment(md: MD, pred: Any, timeout: float = 60) -> Any:
         deps = md.deployments()
         return deps[0] if len(deps) == 1 and pred(deps[0]) else None
 
-    return wait_for(check, timeout, message=lambda: f"deployments of {md.name}: "
-                    f"{[(d.metadata.name, d.spec.replicas) for d in md.deployments()]}")
+    return wait_for(
+        check,
+        timeout,
+        message=lambda: (
+            f"deployments of {md.name}: {[(d.metadata.name, d.spec.replicas) for d in md.deployments()]}"
+        ),
+    )
 
 
 def test_create_makes_children_and_becomes_ready(cluster: Cluster, md_factory: Any) -> None:
-    md = md_factory(model_deployment("resnet", replicas=2, server={
-        "image": "nvcr.io/nvidia/tritonserver:25.10-py3", "args": ["--log-verbose=1"],
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}}}))
+    md = md_factory(
+        model_deployment(
+            "resnet",
+            replicas=2,
+            server={
+                "image": "nvcr.io/nvidia/tritonserver:25.10-py3",
+                "args": ["--log-verbose=1"],
+                "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+            },
+        )
+    )
     st = md.wait_phase("Ready", timeout=90)
     assert st["ready"] == "2/2" and st["servingVersion"] == 1 and st["strategy"] == "Canary"
     assert st["observedGeneration"] == md.get()["metadata"]["generation"]
@@ -68,7 +82,8 @@ def test_create_makes_children_and_becomes_ready(cluster: Cluster, md_factory: A
     # The main Service has the ready pods as endpoints.
     def endpoints() -> int:
         slices = client.DiscoveryV1Api(cluster.api_client).list_namespaced_endpoint_slice(
-            md.namespace, label_selector="kubernetes.io/service-name=resnet")
+            md.namespace, label_selector="kubernetes.io/service-name=resnet"
+        )
         return sum(1 for s in slices.items for e in s.endpoints or [] if e.conditions and e.conditions.ready)
 
     wait_for(lambda: endpoints() == 2, 30, message="2 ready endpoints on Service resnet")
@@ -91,8 +106,16 @@ def test_updates_reach_children(cluster: Cluster, md_factory: Any) -> None:
     assert dep.metadata.name == first, "a replica change must not create a new revision"
     md.wait_phase("Ready")
 
-    md.patch({"spec": {"server": {"args": ["--log-info=true"],
-                                  "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}}}}})
+    md.patch(
+        {
+            "spec": {
+                "server": {
+                    "args": ["--log-info=true"],
+                    "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}},
+                }
+            }
+        }
+    )
 
     def rolled(d: Any) -> bool:
         c = d.spec.template.spec.containers[0]
@@ -111,21 +134,54 @@ def test_hand_edits_and_deletions_are_restored(cluster: Cluster, md_factory: Any
     name = dep.metadata.name
     good_args = list(dep.spec.template.spec.containers[0].args)
 
-    cluster.kubectl("patch", "deployment", name, "-n", md.namespace, "--type=json", "-p",
-                    json.dumps([{"op": "replace", "path": "/spec/template/spec/containers/0/args",
-                                 "value": ["tritonserver", "--model-repository=/tmp/evil"]}]))
-    wait_for(lambda: cluster.apps.read_namespaced_deployment(name, md.namespace)
-             .spec.template.spec.containers[0].args == good_args, 30, message="container args restored")
+    cluster.kubectl(
+        "patch",
+        "deployment",
+        name,
+        "-n",
+        md.namespace,
+        "--type=json",
+        "-p",
+        json.dumps(
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/template/spec/containers/0/args",
+                    "value": ["tritonserver", "--model-repository=/tmp/evil"],
+                }
+            ]
+        ),
+    )
+    wait_for(
+        lambda: (
+            cluster.apps.read_namespaced_deployment(name, md.namespace).spec.template.spec.containers[0].args
+            == good_args
+        ),
+        30,
+        message="container args restored",
+    )
 
     cluster.kubectl("delete", "service", "drift-canary", "-n", md.namespace)
-    wait_for(lambda: any(s.metadata.name == "drift-canary" for s in
-                         cluster.core.list_namespaced_service(md.namespace).items), 30,
-             message="Service drift-canary recreated")
+    wait_for(
+        lambda: any(
+            s.metadata.name == "drift-canary"
+            for s in cluster.core.list_namespaced_service(md.namespace).items
+        ),
+        30,
+        message="Service drift-canary recreated",
+    )
 
     cluster.kubectl("delete", "deployment", name, "-n", md.namespace, "--wait=false")
-    wait_for(lambda: any(d.metadata.name == name and d.metadata.deletion_timestamp is None
-                         and (d.status.ready_replicas or 0) == 1 for d in md.deployments()), 60,
-             message=f"Deployment {name} recreated and ready")
+    wait_for(
+        lambda: any(
+            d.metadata.name == name
+            and d.metadata.deletion_timestamp is None
+            and (d.status.ready_replicas or 0) == 1
+            for d in md.deployments()
+        ),
+        60,
+        message=f"Deployment {name} recreated and ready",
+    )
 
 
 def _operator_writes(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
@@ -157,14 +213,22 @@ def test_steady_state_writes_nothing(cluster: Cluster, md_factory: Any, operator
 
     # Two resync periods (the session operator resyncs every 10 s): reconciles run, nothing is written.
     reconciles_before = operator.metric("modeldeploy_reconciles_total")
-    hold_for(lambda: len(_operator_writes(cluster, md.namespace)) == baseline, 25,
-             message=lambda: f"no writes at steady state; new: {_operator_writes(cluster, md.namespace)[baseline:]}")
+    hold_for(
+        lambda: len(_operator_writes(cluster, md.namespace)) == baseline,
+        25,
+        message=lambda: (
+            f"no writes at steady state; new: {_operator_writes(cluster, md.namespace)[baseline:]}"
+        ),
+    )
     assert operator.metric("modeldeploy_reconciles_total") >= reconciles_before + 2, "resync reconciles ran"
 
     # An operator restart re-reconciles everything from scratch and still writes nothing.
     operator.restart()
-    hold_for(lambda: len(_operator_writes(cluster, md.namespace)) == baseline, 15,
-             message=lambda: f"no writes after restart; new: {_operator_writes(cluster, md.namespace)[baseline:]}")
+    hold_for(
+        lambda: len(_operator_writes(cluster, md.namespace)) == baseline,
+        15,
+        message=lambda: f"no writes after restart; new: {_operator_writes(cluster, md.namespace)[baseline:]}",
+    )
     assert operator.metric("modeldeploy_reconciles_total") >= 1
 
 
@@ -173,15 +237,30 @@ def test_scale_subresource_and_hpa(cluster: Cluster, md_factory: Any) -> None:
     md.wait_phase("Ready", timeout=90)
     cluster.kubectl("scale", "md/scaly", "-n", md.namespace, "--replicas=3")
     _wait_single_deployment(md, lambda d: d.spec.replicas == 3 and (d.status.ready_replicas or 0) == 3)
-    wait_for(lambda: md.status().get("replicas") == 3 and md.status().get("ready") == "3/3", 30,
-             message=lambda: f"status replicas 3: {md.status()}")
-    scale = cluster.kubectl("get", "--raw",
-                            f"/apis/modeldeploy.io/v1alpha1/namespaces/{md.namespace}/modeldeployments/scaly/scale")
+    wait_for(
+        lambda: md.status().get("replicas") == 3 and md.status().get("ready") == "3/3",
+        30,
+        message=lambda: f"status replicas 3: {md.status()}",
+    )
+    scale = cluster.kubectl(
+        "get",
+        "--raw",
+        f"/apis/modeldeploy.io/v1alpha1/namespaces/{md.namespace}/modeldeployments/scaly/scale",
+    )
     assert json.loads(scale.stdout)["status"]["replicas"] == 3
 
-    auto = md_factory(model_deployment("auto", replicas=None,
-                                       autoscaling={"minReplicas": 2, "maxReplicas": 5, "targetCPUUtilization": 70,
-                                                    "queueTimeMicroseconds": 500}))
+    auto = md_factory(
+        model_deployment(
+            "auto",
+            replicas=None,
+            autoscaling={
+                "minReplicas": 2,
+                "maxReplicas": 5,
+                "targetCPUUtilization": 70,
+                "queueTimeMicroseconds": 500,
+            },
+        )
+    )
     auto.wait_phase("Ready", timeout=90)
     hpa = cluster.autoscaling.read_namespaced_horizontal_pod_autoscaler("auto", md.namespace)
     dep = _deployment(auto)
@@ -190,17 +269,28 @@ def test_scale_subresource_and_hpa(cluster: Cluster, md_factory: Any) -> None:
     assert {m.type for m in hpa.spec.metrics} == {"Resource", "Pods"}
     for mf in dep.metadata.managed_fields:
         if mf.manager == "modeldeploy-operator":
-            assert "f:replicas" not in json.dumps(mf.fields_v1.get("f:spec", {})), \
+            assert "f:replicas" not in json.dumps(mf.fields_v1.get("f:spec", {})), (
                 "the operator must not own replicas of an HPA-managed Deployment"
+            )
     # And the scale subresource refuses replicas while autoscaling is on (CEL: replicas xor autoscaling).
     res = cluster.kubectl("scale", "md/auto", "-n", md.namespace, "--replicas=4", check=False)
     assert res.returncode != 0 and "autoscaling" in res.stderr
 
 
 def test_delete_removes_every_child(cluster: Cluster, md_factory: Any) -> None:
-    md = md_factory(model_deployment("gone", replicas=2, podDisruptionBudget={"maxUnavailable": 1},
-                                     model={"format": "python", "storageUri": "https://models.example/repo.tar.gz", "version": 1,
-                                            "config": {"maxBatchSize": 8}}))
+    md = md_factory(
+        model_deployment(
+            "gone",
+            replicas=2,
+            podDisruptionBudget={"maxUnavailable": 1},
+            model={
+                "format": "python",
+                "storageUri": "https://models.example/repo.tar.gz",
+                "version": 1,
+                "config": {"maxBatchSize": 8},
+            },
+        )
+    )
     md.wait_phase("Ready", timeout=90)
     ns = md.namespace
     assert cluster.core.list_namespaced_config_map(ns, label_selector="modeldeploy.io/name=gone").items
@@ -208,9 +298,13 @@ def test_delete_removes_every_child(cluster: Cluster, md_factory: Any) -> None:
 
     def leftovers() -> list[str]:
         sel = "modeldeploy.io/name=gone"
-        found = [d.metadata.name for d in cluster.apps.list_namespaced_deployment(ns, label_selector=sel).items]
+        found = [
+            d.metadata.name for d in cluster.apps.list_namespaced_deployment(ns, label_selector=sel).items
+        ]
         found += [s.metadata.name for s in cluster.core.list_namespaced_service(ns, label_selector=sel).items]
-        found += [c.metadata.name for c in cluster.core.list_namespaced_config_map(ns, label_selector=sel).items]
+        found += [
+            c.metadata.name for c in cluster.core.list_namespaced_config_map(ns, label_selector=sel).items
+        ]
         found += [p.metadata.name for p in cluster.core.list_namespaced_pod(ns, label_selector=sel).items]
         pdbs = client.PolicyV1Api(cluster.api_client).list_namespaced_pod_disruption_budget(ns)
         found += [p.metadata.name for p in pdbs.items]
@@ -222,24 +316,37 @@ def test_delete_removes_every_child(cluster: Cluster, md_factory: Any) -> None:
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown format", {"model": {"format": "caffe"}}, "spec.model.format"),
     ("negative replicas", {"replicas": -1}, "spec.replicas"),
-    ("min > max", {"replicas": None, "autoscaling": {"minReplicas": 5, "maxReplicas": 2,
-                                                     "targetCPUUtilization": 50}}, "minReplicas"),
+    (
+        "min > max",
+        {"replicas": None, "autoscaling": {"minReplicas": 5, "maxReplicas": 2, "targetCPUUtilization": 50}},
+        "minReplicas",
+    ),
     ("unknown field", {"modle": {}}, "modle"),
     ("bad storage scheme", {"model": {"storageUri": "ftp://x/y"}}, "spec.model.storageUri"),
     ("falling weights", {"rollout": {"steps": [{"weight": 50}, {"weight": 20}]}}, "spec.rollout.steps"),
     ("weight > 100", {"rollout": {"steps": [{"weight": 120}]}}, "weight"),
     ("weight 0", {"rollout": {"steps": [{"weight": 0}]}}, "weight"),
     ("unknown strategy", {"rollout": {"strategy": "Shadow"}}, "spec.rollout.strategy"),
-    ("replicas and autoscaling", {"autoscaling": {"maxReplicas": 3, "targetCPUUtilization": 50}},
-     "spec.replicas or spec.autoscaling"),
+    (
+        "replicas and autoscaling",
+        {"autoscaling": {"maxReplicas": 3, "targetCPUUtilization": 50}},
+        "spec.replicas or spec.autoscaling",
+    ),
     ("version zero", {"model": {"version": 0}}, "spec.model.version"),
     ("missing model", {"model": None}, "spec.model"),
-    ("bad duration", {"rollout": {"steps": [{"weight": 10, "pause": {"duration": "ten minutes"}}]}}, "duration"),
+    (
+        "bad duration",
+        {"rollout": {"steps": [{"weight": 10, "pause": {"duration": "ten minutes"}}]}},
+        "duration",
+    ),
     ("autoscaling without target", {"replicas": None, "autoscaling": {"maxReplicas": 3}}, "autoscaling"),
     ("steps with BlueGreen", {"rollout": {"strategy": "BlueGreen", "steps": [{"weight": 10}]}}, "steps"),
     ("error rate > 1", {"rollout": {"analysis": {"thresholds": {"maxErrorRate": 2}}}}, "maxErrorRate"),
-    ("prometheus and scrape", {"rollout": {"analysis": {"prometheusUrl": "http://p:9090", "scrape": True}}},
-     "prometheusUrl"),
+    (
+        "prometheus and scrape",
+        {"rollout": {"analysis": {"prometheusUrl": "http://p:9090", "scrape": True}}},
+        "prometheusUrl",
+    ),
     ("ensemble without steps", {"model": {"format": "ensemble"}}, "ensembleSteps"),
     ("bad instance kind", {"model": {"config": {"instanceGroups": [{"kind": "KIND_TPU"}]}}}, "kind"),
     ("bad shm size", {"server": {"shmSize": "lots"}}, "shmSize"),
@@ -260,42 +367,64 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("case", "patch", "needle"), INVALID, ids=[c[0] for c in INVALID])
-def test_invalid_manifests_are_refused(cluster: Cluster, crd: None, case: str, patch: dict[str, Any],
-                                       needle: str) -> None:
+def test_invalid_manifests_are_refused(
+    cluster: Cluster, crd: None, case: str, patch: dict[str, Any], needle: str
+) -> None:
     body = model_deployment("bad", replicas=1)
     body["spec"] = _merge(body["spec"], patch)
     res = cluster.kubectl(
-        "apply", "--dry-run=server", "-n", "default", "-f", "-", input=json.dumps(body), check=False)
+        "apply", "--dry-run=server", "-n", "default", "-f", "-", input=json.dumps(body), check=False
+    )
     assert res.returncode != 0, f"{case}: accepted:\n{res.stdout}"
     assert needle in res.stderr, f"{case}: message does not name {needle!r}:\n{res.stderr}"
 
 
-def test_missing_credentials_secret_is_reported_and_running_pods_untouched(cluster: Cluster, md_factory: Any
-                                                                            ) -> None:
+def test_missing_credentials_secret_is_reported_and_running_pods_untouched(
+    cluster: Cluster, md_factory: Any
+) -> None:
     md = md_factory(model_deployment("creds", replicas=2))
     md.wait_phase("Ready", timeout=90)
     dep = _deployment(md)
     pods_before = sorted(p.metadata.name for p in md.pods())
 
     md.patch({"spec": {"model": {"credentialsSecret": "s3-creds"}}})
-    wait_for(lambda: (md.condition("Progressing") or {}).get("reason") == "CredentialsSecretMissing", 30,
-             message=lambda: f"CredentialsSecretMissing condition: {md.status().get('conditions')}")
+    wait_for(
+        lambda: (md.condition("Progressing") or {}).get("reason") == "CredentialsSecretMissing",
+        30,
+        message=lambda: f"CredentialsSecretMissing condition: {md.status().get('conditions')}",
+    )
     cond = md.condition("Progressing")
     assert cond is not None and "s3-creds" in cond["message"] and "credentialsSecret" in cond["message"]
-    wait_for(lambda: any(e.reason == "CredentialsSecretMissing" for e in md.events()), 15,
-             message="a CredentialsSecretMissing Event")
+    wait_for(
+        lambda: any(e.reason == "CredentialsSecretMissing" for e in md.events()),
+        15,
+        message="a CredentialsSecretMissing Event",
+    )
     after = _deployment(md)
     assert after.metadata.name == dep.metadata.name
-    assert after.metadata.resource_version == dep.metadata.resource_version or \
-        after.metadata.generation == dep.metadata.generation
+    assert (
+        after.metadata.resource_version == dep.metadata.resource_version
+        or after.metadata.generation == dep.metadata.generation
+    )
     assert sorted(p.metadata.name for p in md.pods()) == pods_before
     assert md.status()["phase"] == "Ready" and md.condition("Ready")["status"] == "True"
 
     # Creating the Secret lets the rollout proceed.
-    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", md.namespace,
-                    "--from-literal=AWS_ACCESS_KEY_ID=AKIAEXAMPLE", "--from-literal=AWS_SECRET_ACCESS_KEY=secret")
-    wait_for(lambda: len(md.status().get("history") or []) == 2, 60,
-             message=lambda: f"a second revision once the Secret exists: {md.status()}")
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3-creds",
+        "-n",
+        md.namespace,
+        "--from-literal=AWS_ACCESS_KEY_ID=AKIAEXAMPLE",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=secret",
+    )
+    wait_for(
+        lambda: len(md.status().get("history") or []) == 2,
+        60,
+        message=lambda: f"a second revision once the Secret exists: {md.status()}",
+    )
 
 
 def test_operator_ignores_other_namespaces(cluster: Cluster, crd: None, tmp_path: Path) -> None:
@@ -308,8 +437,11 @@ def test_operator_ignores_other_namespaces(cluster: Cluster, crd: None, tmp_path
             cluster.apply(model_deployment("iso", replicas=1), namespace=ns)
         MD(cluster, watched, "iso").wait_phase("Ready", timeout=90)
         untouched = MD(cluster, other, "iso")
-        hold_for(lambda: not untouched.get().get("status") and not untouched.deployments(), 5,
-                 message="the ModelDeployment in the unwatched namespace is untouched")
+        hold_for(
+            lambda: not untouched.get().get("status") and not untouched.deployments(),
+            5,
+            message="the ModelDeployment in the unwatched namespace is untouched",
+        )
     finally:
         op.stop()
         cluster.delete_namespace(watched)
