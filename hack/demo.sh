@@ -37,5 +37,35 @@ kubectl wait md/resnet50 --for=condition=Ready --timeout=120s
 kubectl get modeldeployments
 kubectl get deployments,services,pods -l modeldeploy.io/name=resnet50
 
+# Watch the ModelDeployment until PHASE reaches $1 (or $2 seconds pass), printing each change.
+watch_md() {
+  local want=$1 limit=$2 last="" row phase start=$SECONDS
+  while (( SECONDS - start < limit )); do
+    row=$(kubectl get md resnet50 --no-headers -o wide 2>/dev/null || true)
+    if [ "$row" != "$last" ]; then printf '  %3ss  %s\n' $((SECONDS - start)) "$row"; last=$row; fi
+    phase=$(kubectl get md resnet50 -o jsonpath='{.status.phase}')
+    gen=$(kubectl get md resnet50 -o jsonpath='{.metadata.generation}')
+    seen=$(kubectl get md resnet50 -o jsonpath='{.status.observedGeneration}')
+    [ "$phase" = "$want" ] && [ "$gen" = "$seen" ] && return 0
+    sleep 1
+  done
+  echo "timed out waiting for phase $want" >&2; return 1
+}
+
+step "canary rollout: model version 1 -> 2 (steps 25%, 50%, 100%)"
+kubectl patch md resnet50 --type=merge -p '{"spec":{"model":{"version":2},
+  "rollout":{"steps":[{"weight":25,"pause":{"duration":"5s"}},{"weight":50,"pause":{"duration":"5s"}},{"weight":100}],
+             "scaleDownDelaySeconds":3,"progressDeadlineSeconds":20}}}'
+kubectl get md resnet50 -o wide
+watch_md Ready 180
+kubectl get deployments -l modeldeploy.io/name=resnet50
+
+step "a bad version 3 (its pods never become ready): automatic rollback"
+kubectl patch md resnet50 --type=merge -p '{"spec":{"model":{"version":3},"server":{"podLabels":{"simulate":"never-ready"}}}}'
+watch_md RolledBack 180
+kubectl get md resnet50 -o jsonpath='{range .status.conditions[?(@.type=="RolledBack")]}RolledBack: {.reason}: {.message}{"\n"}{end}'
+echo "spec still asks for version $(kubectl get md resnet50 -o jsonpath='{.spec.model.version}'); serving version $(kubectl get md resnet50 -o jsonpath='{.status.servingVersion}')"
+kubectl get events --field-selector involvedObject.name=resnet50 --sort-by=.lastTimestamp | tail -8
+
 echo
 echo "The cluster keeps running: export KUBECONFIG=$PWD/$DIR/kubeconfig; stop it with make cluster-down"

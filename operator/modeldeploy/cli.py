@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=staging.main)
     sub.add_parser("operator", help="run the operator: modeldeploy operator [kopf run options]")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # python -m modeldeploy run ...  ==  modeldeploy-operator run ...
+        return operator_main(argv)
     if argv[:1] == ["operator"]:
         return operator_main(["run", *argv[1:]])
     args = parser.parse_args(argv)
