@@ -49,6 +49,9 @@ lint: venv ## ruff lint + format check
 typecheck: venv ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
+bench: venv binaries ## print speed figures (create latency, burst, steady-state writes, RSS, rollback reaction)
+	$(PY) hack/bench.py $(BENCH_ARGS)
+
 crds: venv ## regenerate crds/ from the typed spec model
 	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
 

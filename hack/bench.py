@@ -1,0 +1,337 @@
+"""make bench: figures, not pass/fail, from one run on the local control plane.
+
+The operator runs as a subprocess with its own client identity, so the API server's audit log
+attributes every write to it. Prints:
+  - create latency p50/p99 (ModelDeployment applied -> children present and status observed),
+    beside the floor: the same writes issued directly by a plain client, in the same run;
+  - burst: N ModelDeployments applied at once -> all Ready;
+  - steady state: operator API writes per minute with N idle ModelDeployments;
+  - operator peak RSS at N;
+  - rollback reaction: candidate failure visible in the API -> traffic back on stable.
+
+Usage: python hack/bench.py [--create 100] [--burst 100,500,1000] [--steady-seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(HERE), str(REPO / "tests")]
+
+from kubernetes import client, config  # noqa: E402
+
+import localcluster  # noqa: E402
+from operator_proc import CRD_FILE, OperatorProcess  # noqa: E402
+
+GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
+OPERATOR_USER = "modeldeploy-operator"
+
+
+def md_body(name: str, version: int = 1, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"format": "onnx", "storageUri": "s3://models/repo", "version": version},
+            "replicas": 1,
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class Bench:
+    def __init__(self, workdir: Path) -> None:
+        self.cp = localcluster.LocalControlPlane(workdir / "cp")
+        self.workdir = workdir
+
+    def start(self) -> None:
+        self.cp.start()
+        import os
+        import subprocess
+
+        env = self.cp.env()
+        os.environ.update({"KUBECONFIG": env["KUBECONFIG"], "PATH": env["PATH"]})
+        subprocess.run(["kubectl", "apply", "--server-side", "-f", str(CRD_FILE)], check=True)
+        for _ in range(50):  # the CRD may not be visible to `kubectl wait` for a moment
+            done = subprocess.run(
+                [
+                    "kubectl",
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=60s",
+                    "crd/modeldeployments.modeldeploy.io",
+                ],
+                capture_output=True,
+            )
+            if done.returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"CRD not established: {done.stderr.decode()}")
+        self.api = config.new_client_from_config(config_file=str(self.cp.kubeconfig))
+        self.custom = client.CustomObjectsApi(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        op_kubeconfig = self.cp.issue_kubeconfig("operator", OPERATOR_USER)
+        self.op = OperatorProcess(
+            self.workdir / "operator", ["bench-*"], env={"KUBECONFIG": str(op_kubeconfig)}, resync_seconds=60
+        )
+        self.op.start()
+
+    def stop(self) -> None:
+        self.op.stop()
+        self.cp.stop()
+
+    def namespace(self, name: str) -> str:
+        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.core.read_namespaced_service_account("default", name)
+                return name
+            except client.ApiException:
+                time.sleep(0.1)
+        raise RuntimeError(f"namespace {name}: no default ServiceAccount")
+
+    def operator_writes(self) -> int:
+        return sum(
+            1
+            for ev in localcluster.iter_audit_events(self.cp.audit_log)
+            if ev.get("user", {}).get("username") == OPERATOR_USER
+        )
+
+    def operator_rss_mb(self) -> tuple[float, float]:
+        assert self.op.proc is not None
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{self.op.proc.pid}/status").read_text().splitlines()
+        )
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    # ------------------------------------------------------------------ figures
+
+    def create_latency(self, n: int) -> dict[str, float]:
+        ns = self.namespace("bench-create")
+        lat = []
+        for i in range(n):
+            name = f"m{i}"
+            t0 = time.monotonic()
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, md_body(name))
+            while True:
+                md = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+                st = md.get("status") or {}
+                if st.get("observedGeneration") == 1 and st.get("phase"):
+                    svcs = self.core.list_namespaced_service(ns, label_selector=f"modeldeploy.io/name={name}")
+                    deps = self.apps.list_namespaced_deployment(
+                        ns, label_selector=f"modeldeploy.io/name={name}"
+                    )
+                    if len(svcs.items) == 3 and len(deps.items) == 1:
+                        break
+                if time.monotonic() - t0 > 60:
+                    raise RuntimeError(f"{name}: not reconciled within 60 s")
+                time.sleep(0.005)
+            lat.append(time.monotonic() - t0)
+        floor = self.direct_floor(n)
+        return {
+            "n": n,
+            "p50_ms": 1000 * pct(lat, 50),
+            "p99_ms": 1000 * pct(lat, 99),
+            "floor_p50_ms": 1000 * pct(floor, 50),
+            "floor_p99_ms": 1000 * pct(floor, 99),
+            "ratio_p50": pct(lat, 50) / pct(floor, 50),
+        }
+
+    def direct_floor(self, n: int) -> list[float]:
+        """The same writes (ModelDeployment, Deployment, 3 Services, status) by a plain client."""
+        import sys as _sys
+
+        _sys.path.insert(0, str(REPO / "operator"))
+        from modeldeploy import api, builders, revision
+
+        ns = self.namespace("bench-floor")
+        out = []
+        for i in range(n):
+            name = f"d{i}"
+            t0 = time.monotonic()
+            md = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, md_body(name))
+            spec = api.ModelDeploymentSpec.model_validate(md["spec"])
+            owner = builders.Owner(name=name, namespace=ns, uid=md["metadata"]["uid"])
+            rev = revision.revision_hash(spec)
+            objs = [
+                builders.build_deployment(owner, spec, rev, revision_number=1, replicas=1),
+                *builders.build_services(owner, spec, stable=rev, candidate=None),
+            ]
+            for obj in objs:
+                patch = (
+                    self.apps.patch_namespaced_deployment
+                    if obj["kind"] == "Deployment"
+                    else self.core.patch_namespaced_service
+                )
+                patch(
+                    obj["metadata"]["name"],
+                    ns,
+                    obj,
+                    field_manager="bench",
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                )
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ns, PLURAL, name, {"status": {"phase": "Pending", "observedGeneration": 1}}
+            )
+            out.append(time.monotonic() - t0)
+        return out
+
+    def burst(self, n: int) -> dict[str, float]:
+        ns = self.namespace(f"bench-burst-{n}")
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda i: self.custom.create_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL, md_body(f"b{i}")
+                    ),
+                    range(n),
+                )
+            )
+        applied = time.monotonic() - t0
+        ready = 0
+        while time.monotonic() - t0 < 900:
+            items = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            ready = sum(1 for it in items if (it.get("status") or {}).get("phase") == "Ready")
+            if ready == n:
+                break
+            time.sleep(0.5)
+        return {"n": n, "applied_s": applied, "all_ready_s": time.monotonic() - t0, "ready": ready}
+
+    def steady(self, seconds: float) -> dict[str, float]:
+        before = self.operator_writes()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(1)
+        writes = self.operator_writes() - before
+        return {"seconds": seconds, "writes": writes, "writes_per_min": writes * 60 / seconds}
+
+    def rollback_reaction(self) -> dict[str, float]:
+        ns = self.namespace("bench-rollback")
+        name = "rb"
+        self.custom.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            ns,
+            PLURAL,
+            md_body(name, replicas=2, rollout={"steps": [{"weight": 50}, {"weight": 100}]}),
+        )
+        self._wait_phase(ns, name, "Ready")
+        self.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            ns,
+            PLURAL,
+            name,
+            {"spec": {"model": {"version": 2}, "server": {"podLabels": {"simulate": "crashloop"}}}},
+        )
+        t_fail = None
+        while True:
+            pods = self.core.list_namespaced_pod(
+                ns, label_selector=f"modeldeploy.io/name={name},simulate=crashloop"
+            )
+            for p in pods.items:
+                for cs in p.status.container_statuses or []:
+                    if cs.state and cs.state.waiting and cs.state.waiting.reason == "CrashLoopBackOff":
+                        t_fail = time.monotonic()
+            if t_fail:
+                break
+            time.sleep(0.005)
+        while True:
+            st = (
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
+            )
+            deps = self.apps.list_namespaced_deployment(
+                ns, label_selector=f"modeldeploy.io/name={name}"
+            ).items
+            if st.get("phase") == "RolledBack" and len(deps) == 1:
+                return {"reaction_s": time.monotonic() - t_fail}
+            time.sleep(0.005)
+
+    def _wait_phase(self, ns: str, name: str, phase: str, timeout: float = 120) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            st = (
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
+            )
+            if st.get("phase") == phase:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{name}: not {phase} within {timeout}s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--create", type=int, default=100)
+    ap.add_argument("--burst", default="100,500,1000")
+    ap.add_argument("--steady-seconds", type=float, default=60)
+    args = ap.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="modeldeploy-bench-") as tmp:
+        bench = Bench(Path(tmp))
+        bench.start()
+        try:
+            results["create"] = bench.create_latency(args.create)
+            print("create latency:", json.dumps(results["create"]), flush=True)
+            results["rollback"] = bench.rollback_reaction()
+            print("rollback reaction:", json.dumps(results["rollback"]), flush=True)
+            for n in [int(x) for x in args.burst.split(",") if x]:
+                results[f"burst_{n}"] = bench.burst(n)
+                print(f"burst {n}:", json.dumps(results[f"burst_{n}"]), flush=True)
+            total = sum(int(x) for x in args.burst.split(",") if x) + 2 * args.create + 1
+            results["steady"] = bench.steady(args.steady_seconds)
+            results["steady"]["modeldeployments"] = total
+            print("steady state:", json.dumps(results["steady"]), flush=True)
+            rss, peak = bench.operator_rss_mb()
+            results["operator_rss_mb"] = {"now": rss, "peak": peak, "modeldeployments": total}
+            print("operator RSS:", json.dumps(results["operator_rss_mb"]), flush=True)
+        finally:
+            bench.stop()
+    c = results["create"]
+    print("\n== modeldeploy bench (local control plane, operator as subprocess) ==")
+    print(
+        f"create latency      p50 {c['p50_ms']:.0f} ms  p99 {c['p99_ms']:.0f} ms   "
+        f"(direct-write floor p50 {c['floor_p50_ms']:.0f} ms  p99 {c['floor_p99_ms']:.0f} ms; "
+        f"ratio {c['ratio_p50']:.2f}x)  n={c['n']}"
+    )
+    for key, b in results.items():
+        if key.startswith("burst_"):
+            print(
+                f"burst {b['n']:>5}          all Ready in {b['all_ready_s']:.1f} s "
+                f"(applied in {b['applied_s']:.1f} s; ready {b['ready']}/{b['n']})"
+            )
+    s = results["steady"]
+    print(
+        f"steady state        {s['writes_per_min']:.1f} operator writes/min with "
+        f"{s['modeldeployments']} idle ModelDeployments ({s['writes']} in {s['seconds']:.0f} s)"
+    )
+    r = results["operator_rss_mb"]
+    print(f"operator RSS        {r['now']:.0f} MiB now, {r['peak']:.0f} MiB peak at {r['modeldeployments']}")
+    print(
+        f"rollback reaction   {results['rollback']['reaction_s']:.2f} s (CrashLoopBackOff visible -> stable only)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
