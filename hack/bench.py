@@ -52,7 +52,7 @@ def md_body(name: str, version: int = 1, **spec: Any) -> dict[str, Any]:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 class Bench:
@@ -328,7 +328,7 @@ def main() -> int:
     r = results["operator_rss_mb"]
     print(f"operator RSS        {r['now']:.0f} MiB now, {r['peak']:.0f} MiB peak at {r['modeldeployments']}")
     print(
-        f"rollback reaction   {results['rollback']['reaction_s']:.2f} s (CrashLoopBackOff visible -> stable only)"
+        f"rollback reaction   {results['rollback']['reaction_s']:.2f} s (failure seen -> stable only)"
     )
     return 0
 
