@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from . import api, builders, metrics
+from .analysis import TritonAnalysis
 from .kube import Kube
 from .reconcile import Cache, Reconciler, WorkQueue
 
@@ -72,6 +73,21 @@ async def _post_event(body: dict[str, Any], type_: str, reason: str, message: st
         log.warning("could not post event %s for %s: %s", reason, body["metadata"].get("name"), exc)
 
 
+def _pod_ips(namespace: str, revision_hash: str) -> list[str]:
+    """Ready pods of one revision, from the watch cache (for direct metric scraping)."""
+    ips = []
+    for ns, name in OP.cache.keys("Pod"):
+        pod = OP.cache.get("Pod", ns, name)
+        if ns != namespace or pod is None:
+            continue
+        labels = pod["metadata"].get("labels") or {}
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if labels.get(builders.LABEL_REVISION) == revision_hash and ready and status.get("podIP"):
+            ips.append(status["podIP"])
+    return ips
+
+
 async def _reconcile(namespace: str, name: str) -> None:
     assert OP.reconciler is not None and OP.queue is not None
     with metrics.RECONCILE_SECONDS.time():
@@ -110,10 +126,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
+    analysis = TritonAnalysis(pods_for=_pod_ips,
+                              default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None)
     OP.reconciler = Reconciler(
         OP.kube,
         OP.cache,
         post_event=_post_event,
+        analysis=analysis,
         stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE", builders.DEFAULT_STAGER_IMAGE),
     )
     OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "8")))

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""A real S3-compatible server on 127.0.0.1 for tests: moto's server, in its own virtualenv.
+
+moto (PyPI) depends on botocore, which pins ``python-dateutil<3``, while the operator's
+``kubernetes>=37`` client needs ``python-dateutil>=3``: the two cannot share the project's
+virtualenv. So moto gets a private one, built once from PyPI into
+``$MODELDEPLOY_CACHE/s3server/moto-<version>-py3.X`` (default cache ``~/.cache/modeldeploy``),
+and runs as a subprocess (``python -m moto.server``). The operator's stager talks to it
+over HTTP exactly as it would to AWS S3 or MinIO.
+
+Buckets, an IAM user with an access key, and uploads are done by boto3 (the AWS SDK,
+inside moto's virtualenv: an independent client), then :meth:`S3Server.enforce_auth`
+turns on moto's request authentication, from then on every request must carry a valid
+Signature Version 4 of that user's key (a wrong signature is answered 403).
+
+Library use::
+
+    python = ensure_moto()                                  # raises S3ServerUnavailable
+    with S3Server.start(python, workdir) as s3:
+        key = s3.setup(bucket="models", upload=Path("repo"), prefix="repo")
+        s3.enforce_auth()
+        # s3.endpoint, key.access_key, key.secret_key
+
+CLI::
+
+    python hack/s3server.py ensure                          # build the virtualenv; print its python
+    python hack/s3server.py serve [--port 5000]             # run the server until interrupted
+
+Dependencies: the standard library (boto3 only in the ``setup`` subcommand, which runs in
+moto's virtualenv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self, TypeVar
+
+MOTO_VERSION = "5.2.5"
+#: moto's S3 and IAM backends and its server; not ``moto[server]``, which pulls every service's deps.
+REQUIREMENTS = [f"moto[s3,iam]=={MOTO_VERSION}", "flask>=3", "flask-cors>=4"]
+REGION = "us-east-1"
+T = TypeVar("T")
+
+
+class S3ServerUnavailable(RuntimeError):
+    """moto's virtualenv cannot be built here (no network to PyPI, no venv module...)."""
+
+
+class S3ServerStartError(RuntimeError):
+    """The server was started but did not answer; the message ends with its log tail."""
+
+
+def cache_root() -> Path:
+    base = os.environ.get("MODELDEPLOY_CACHE") or str(Path.home() / ".cache" / "modeldeploy")
+    return Path(base) / "s3server"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_moto(root: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
+    """The python of moto's private virtualenv; built once (about a minute), safe across processes."""
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    base = root or cache_root()
+    venv = base / f"moto-{MOTO_VERSION}-py{pyver}"
+    python = venv / "bin" / "python"
+    stamp = venv / ".stamp"
+    want = " ".join(REQUIREMENTS)
+    base.mkdir(parents=True, exist_ok=True)
+    with _file_lock(base / ".lock"):
+        if stamp.is_file() and stamp.read_text().strip() == want and python.exists():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        started = time.monotonic()
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *REQUIREMENTS],
+        ]
+        for argv in steps:
+            log(f"ensure_moto: $ {' '.join(argv)}")
+            try:
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+            except subprocess.TimeoutExpired:
+                shutil.rmtree(venv, ignore_errors=True)
+                raise S3ServerUnavailable(f"{' '.join(argv)} timed out") from None
+            if out.returncode != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
+                raise S3ServerUnavailable(f"{' '.join(argv)} failed with code {out.returncode}:\n{tail}")
+        stamp.write_text(want + "\n")
+        log(f"ensure_moto: {venv} ready in {time.monotonic() - started:.0f}s")
+    return python
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    # not form-encoded (urllib's default for a body), so the server reads it as raw data
+    headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), bytes(err.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return 0, b""
+
+
+def poll(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    abort: Callable[[], str | None] | None = None,
+    interval: float = 0.1,
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if abort is not None and (reason := abort()) is not None:
+            raise RuntimeError(reason)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    access_key: str
+    secret_key: str
+
+    def __repr__(self) -> str:
+        return "AccessKey(***)"
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass
+class S3Server:
+    """moto's server on 127.0.0.1:<port>, logging to ``workdir/moto.log``."""
+
+    python: Path
+    workdir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    ready_seconds: float | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, python: Path, workdir: Path, *, ready_timeout: float = 60.0) -> S3Server:
+        workdir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 4):
+            server = cls(python=python, workdir=workdir, port=free_port())
+            server._spawn()
+            try:
+                server.wait_ready(ready_timeout)
+                return server
+            except S3ServerStartError:
+                server.stop()
+                if attempt < 3 and "Address already in use" in server.log_tail():
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spawn(self) -> None:
+        self._log = (self.workdir / "moto.log").open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            [str(self.python), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.workdir),
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def exited(self) -> str | None:
+        if self.process is None:
+            return "not started"
+        code = self.process.poll()
+        return None if code is None else f"moto server exited with code {code}"
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            poll(
+                lambda: True if http("GET", f"{self.endpoint}/moto-api/data.json")[0] == 200 else None,
+                timeout=timeout,
+                what=f"moto server {self.endpoint}",
+                abort=self.exited,
+            )
+        except (TimeoutError, RuntimeError) as err:
+            raise S3ServerStartError(f"{err}; log:\n{self.log_tail()}") from None
+        self.ready_seconds = time.monotonic() - self.started_at
+
+    def setup(
+        self, *, bucket: str, upload: Path | None = None, prefix: str = "", user: str = "stager"
+    ) -> AccessKey:
+        """Create ``bucket``, upload the files under ``upload`` to ``prefix/``, and an IAM user
+        allowed to read it; returns the user's access key. boto3 does it, from moto's venv."""
+        argv = [
+            str(self.python),
+            str(Path(__file__).resolve()),
+            "setup",
+            "--endpoint",
+            self.endpoint,
+            "--bucket",
+            bucket,
+            "--prefix",
+            prefix,
+            "--user",
+            user,
+        ]
+        if upload is not None:
+            argv += ["--upload", str(upload)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"s3server setup failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        doc = json.loads(out.stdout)
+        return AccessKey(doc["access_key"], doc["secret_key"])
+
+    def enforce_auth(self) -> None:
+        """From now on every request must be signed by a known access key (moto's IAM auth)."""
+        status, body = http("POST", f"{self.endpoint}/moto-api/reset-auth", b"0")
+        if status != 200:
+            raise RuntimeError(f"moto reset-auth answered {status}: {body[:200]!r}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join((self.workdir / "moto.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- setup (runs in moto's venv)
+
+
+def _setup(args: argparse.Namespace) -> int:  # pragma: no cover - runs under moto's interpreter
+    import boto3  # type: ignore[import-not-found]
+
+    admin: dict[str, Any] = {
+        "endpoint_url": args.endpoint,
+        "region_name": REGION,
+        "aws_access_key_id": "setup",
+        "aws_secret_access_key": "setup",
+    }
+    iam = boto3.client("iam", **admin)
+    iam.create_user(UserName=args.user)
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["*"]}],
+    }
+    iam.put_user_policy(UserName=args.user, PolicyName="read-models", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=args.user)["AccessKey"]
+    s3 = boto3.client("s3", **admin)
+    s3.create_bucket(Bucket=args.bucket)
+    count = 0
+    if args.upload:
+        root = Path(args.upload)
+        prefix = args.prefix.strip("/")
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            s3.upload_file(str(path), args.bucket, f"{prefix}/{rel}" if prefix else rel)
+            count += 1
+    print(
+        json.dumps(
+            {"access_key": key["AccessKeyId"], "secret_key": key["SecretAccessKey"], "uploaded": count}
+        )
+    )
+    return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("ensure", help="build moto's virtualenv (once); print its python")
+    serve = sub.add_parser("serve", help="run the S3 server in the foreground")
+    serve.add_argument("--workdir", type=Path, default=Path("s3server"))
+    setup = sub.add_parser("setup", help="(inside moto's venv) bucket, IAM user, uploads; prints the key")
+    setup.add_argument("--endpoint", required=True)
+    setup.add_argument("--bucket", required=True)
+    setup.add_argument("--prefix", default="")
+    setup.add_argument("--upload", default=None)
+    setup.add_argument("--user", default="stager")
+    args = parser.parse_args(argv)
+    if args.cmd == "setup":
+        return _setup(args)
+    try:
+        python = ensure_moto(log=lambda m: print(m, file=sys.stderr))
+    except S3ServerUnavailable as err:
+        print(f"s3 server unavailable: {err}", file=sys.stderr)
+        return 2
+    if args.cmd == "ensure":
+        print(python)
+        return 0
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    server = S3Server.start(python, args.workdir.resolve())
+    try:
+        print(f"moto S3 server ready in {server.ready_seconds:.2f}s at {server.endpoint}", flush=True)
+        assert server.process is not None
+        return server.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
