@@ -82,7 +82,8 @@ def _pod_ips(namespace: str, revision_hash: str) -> list[str]:
             continue
         labels = pod["metadata"].get("labels") or {}
         status = pod.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        conditions = status.get("conditions") or []
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
         if labels.get(builders.LABEL_REVISION) == revision_hash and ready and status.get("podIP"):
             ips.append(status["podIP"])
     return ips
@@ -126,8 +127,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
-    analysis = TritonAnalysis(pods_for=_pod_ips,
-                              default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None)
+    analysis = TritonAnalysis(
+        pods_for=_pod_ips, default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None
+    )
     OP.reconciler = Reconciler(
         OP.kube,
         OP.cache,

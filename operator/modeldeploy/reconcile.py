@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import pydantic
 
 from . import api, builders, revision, rollout, staging, status
-from .kube import ApiError, Kube
+from .kube import ApiError, Kube, path_for
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ APPLIED_ANNOTATION = "modeldeploy.io/applied-hash"
 PROMOTE_ANNOTATION = "modeldeploy.io/promote"
 RESUME_ANNOTATION = "modeldeploy.io/resume"
 ABORT_ANNOTATION = "modeldeploy.io/abort"
+#: Field manager that keeps a Deployment's replicas while their ownership passes from us to the HPA.
+HANDOVER_MANAGER = "modeldeploy-hpa-handover"
 CHILD_KINDS = ("Deployment", "Pod", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget")
 APPLY_ORDER = ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
 
@@ -93,8 +95,22 @@ def _rv(obj: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- comparison
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[KMGTPE]i|[mkMGTPE])?$")
-_SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-           "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_SUFFIX: dict[str, Decimal | int] = {
+    "": 1,
+    "m": Decimal("0.001"),
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 
 
 def _quantity(value: Any) -> Decimal | None:
@@ -127,10 +143,14 @@ def contains(live: Any, desired: Any, quantity: bool = False) -> bool:
     canonicalises."""
     if isinstance(desired, dict):
         return isinstance(live, dict) and all(
-            k in live and contains(live[k], v, quantity or k in _QUANTITY_KEYS) for k, v in desired.items())
+            k in live and contains(live[k], v, quantity or k in _QUANTITY_KEYS) for k, v in desired.items()
+        )
     if isinstance(desired, list):
-        return (isinstance(live, list) and len(live) == len(desired)
-                and all(contains(a, b, quantity) for a, b in zip(live, desired, strict=True)))
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b, quantity) for a, b in zip(live, desired, strict=True))
+        )
     if live == desired:
         return True
     if not quantity:
@@ -152,8 +172,9 @@ def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
 def needs_apply(live: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
     if live is None:
         return True
-    if (live["metadata"].get("annotations") or {}).get(APPLIED_ANNOTATION) != \
-            desired["metadata"]["annotations"][APPLIED_ANNOTATION]:
+    if (live["metadata"].get("annotations") or {}).get(APPLIED_ANNOTATION) != desired["metadata"][
+        "annotations"
+    ][APPLIED_ANNOTATION]:
         return True  # our intent changed (perhaps a field was dropped): re-apply
     body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
     return not contains(live, body)
@@ -162,7 +183,9 @@ def needs_apply(live: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- observation
 
 
-def observe_revision(dep: dict[str, Any] | None, pods: Iterable[dict[str, Any]]) -> rollout.RevisionObservation:
+def observe_revision(
+    dep: dict[str, Any] | None, pods: Iterable[dict[str, Any]]
+) -> rollout.RevisionObservation:
     if dep is None:
         return rollout.RevisionObservation()
     dstatus = dep.get("status") or {}
@@ -175,24 +198,39 @@ def observe_revision(dep: dict[str, Any] | None, pods: Iterable[dict[str, Any]])
         if pod["metadata"].get("deletionTimestamp"):
             continue
         pstatus = pod.get("status") or {}
-        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in pstatus.get("conditions") or []):
+        if any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in pstatus.get("conditions") or []
+        ):
             ready += 1
         for cs in pstatus.get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") == "CrashLoopBackOff" or (
-                    cs.get("restartCount", 0) >= rollout.CRASHLOOP_RESTARTS and not cs.get("ready")):
-                failure = (f"CrashLoopBackOff: container {cs.get('name')} of pod {pod['metadata']['name']} "
-                           f"restarted {cs.get('restartCount', 0)} times")
+                cs.get("restartCount", 0) >= rollout.CRASHLOOP_RESTARTS and not cs.get("ready")
+            ):
+                failure = (
+                    f"CrashLoopBackOff: container {cs.get('name')} of pod {pod['metadata']['name']} "
+                    f"restarted {cs.get('restartCount', 0)} times"
+                )
     desired = (dep.get("spec") or {}).get("replicas", 1)
     generation_seen = dstatus.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
     updated = dstatus.get("updatedReplicas", 0) if generation_seen else 0
-    return rollout.RevisionObservation(desired=desired, ready=min(ready, dstatus.get("readyReplicas", ready)),
-                                       updated=updated, failure=failure)
+    return rollout.RevisionObservation(
+        desired=desired,
+        ready=min(ready, dstatus.get("readyReplicas", ready)),
+        updated=updated,
+        failure=failure,
+    )
 
 
 class AnalysisProvider(Protocol):
-    async def __call__(self, md: dict[str, Any], spec: api.ModelDeploymentSpec, state: api.RolloutState,
-                       stable: str, candidate: str) -> api.AnalysisResult | None: ...
+    async def __call__(
+        self,
+        md: dict[str, Any],
+        spec: api.ModelDeploymentSpec,
+        state: api.RolloutState,
+        stable: str,
+        candidate: str,
+    ) -> api.AnalysisResult | None: ...
 
 
 # --------------------------------------------------------------------------- reconciler
@@ -210,10 +248,16 @@ def _now() -> datetime:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, cache: Cache, *,
-                 post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
-                 analysis: AnalysisProvider | None = None, stager_image: str = builders.DEFAULT_STAGER_IMAGE,
-                 clock: Callable[[], datetime] = _now) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        cache: Cache,
+        *,
+        post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
+        analysis: AnalysisProvider | None = None,
+        stager_image: str = builders.DEFAULT_STAGER_IMAGE,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
         self.kube = kube
         self.cache = cache
         self.post_event = post_event
@@ -273,7 +317,9 @@ class Reconciler:
         try:
             spec = api.ModelDeploymentSpec.model_validate(md.get("spec") or {})
         except pydantic.ValidationError as exc:
-            msg = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+            msg = "; ".join(
+                f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+            )
             return await self._report_spec_error(md, new_status, conditions, "InvalidSpec", msg, now_s)
 
         history = list(old_status.history or [])
@@ -287,9 +333,14 @@ class Reconciler:
             if rec is None or rec.spec is None:
                 known = ", ".join(str(r.revision) for r in history) or "none"
                 return await self._report_spec_error(
-                    md, new_status, conditions, "UnknownRevision",
+                    md,
+                    new_status,
+                    conditions,
+                    "UnknownRevision",
                     f"spec.rollbackTo.revision {spec.rollback_to.revision} is not in status.history "
-                    f"(known: {known}); pick one of those or remove spec.rollbackTo", now_s)
+                    f"(known: {known}); pick one of those or remove spec.rollbackTo",
+                    now_s,
+                )
             target_spec = revision.with_pod_shaping(spec, rec.spec)
             fast_track = True
         target_hash = revision.revision_hash(target_spec)
@@ -299,16 +350,26 @@ class Reconciler:
             # and the running revision is left alone.
             problem = await self._preflight(ns, target_spec)
             if problem:
-                return await self._report_spec_error(md, new_status, conditions, problem[0], problem[1], now_s)
+                return await self._report_spec_error(
+                    md, new_status, conditions, problem[0], problem[1], now_s
+                )
             target_rec = api.RevisionRecord(
-                revision=revision.next_number(history), hash=target_hash, model_version=target_spec.model.version,
-                image=target_spec.server.image, config_hash=_config_hash(owner, target_spec), created=now_s,
-                outcome="Pending", spec=revision.pod_shaping(target_spec))
+                revision=revision.next_number(history),
+                hash=target_hash,
+                model_version=target_spec.model.version,
+                image=target_spec.server.image,
+                config_hash=_config_hash(owner, target_spec),
+                created=now_s,
+                outcome="Pending",
+                spec=revision.pod_shaping(target_spec),
+            )
             history.append(target_rec)
         else:
             problem = await self._preflight(ns, target_spec)
             if problem and (state is None or target_rec.revision != state.stable_revision):
-                return await self._report_spec_error(md, new_status, conditions, problem[0], problem[1], now_s)
+                return await self._report_spec_error(
+                    md, new_status, conditions, problem[0], problem[1], now_s
+                )
         by_number = {r.revision: r for r in history}
 
         # 3. Observe the live revisions.
@@ -321,19 +382,30 @@ class Reconciler:
             if rec is None:
                 return rollout.RevisionObservation()
             dep = deployments.get(builders.deployment_name(owner, rec.hash, strategy))
-            rev_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(builders.LABEL_REVISION)
-                        == rec.hash]
+            rev_pods = [
+                p
+                for p in pods
+                if (p["metadata"].get("labels") or {}).get(builders.LABEL_REVISION) == rec.hash
+            ]
             return observe_revision(dep, rev_pods)
 
-        live_numbers = {n for n in (state.stable_revision if state else None,
-                                    state.candidate_revision if state else None,
-                                    state.scale_down_revision if state else None) if n is not None}
+        live_numbers = {
+            n
+            for n in (
+                state.stable_revision if state else None,
+                state.candidate_revision if state else None,
+                state.scale_down_revision if state else None,
+            )
+            if n is not None
+        }
         obs = {n: obs_for(n) for n in live_numbers}
         total = spec.effective_replicas
         if spec.autoscaling is not None and state is not None and state.stable_revision is not None:
             stable_obs = obs.get(state.stable_revision)
             if stable_obs and stable_obs.desired:
-                total = max(spec.autoscaling.min_replicas, min(stable_obs.desired, spec.autoscaling.max_replicas))
+                total = max(
+                    spec.autoscaling.min_replicas, min(stable_obs.desired, spec.autoscaling.max_replicas)
+                )
 
         # 4. Manual commands: annotation nonces handled once (remembered in status).
         annotations = meta.get("annotations") or {}
@@ -347,47 +419,92 @@ class Reconciler:
 
         # 5. Analysis gate for the candidate, once its pods are ready.
         verdict, verdict_reason = None, ""
-        if (state is not None and state.candidate_revision is not None and state.stable_revision is not None
-                and state.state == rollout.PROGRESSING and spec.rollout.analysis is not None
-                and self.analysis is not None and not fast_track):
+        if (
+            state is not None
+            and state.candidate_revision is not None
+            and state.stable_revision is not None
+            and state.state == rollout.PROGRESSING
+            and spec.rollout.analysis is not None
+            and self.analysis is not None
+            and not fast_track
+        ):
             cobs = obs.get(state.candidate_revision, rollout.RevisionObservation())
             want = rollout.replicas_for(state, strategy, total).get(state.candidate_revision, 0)
             if cobs.ready >= want > 0:
-                result = await self.analysis(md, spec, state, by_number[state.stable_revision].hash,
-                                             by_number[state.candidate_revision].hash)
+                result = await self.analysis(
+                    md,
+                    spec,
+                    state,
+                    by_number[state.stable_revision].hash,
+                    by_number[state.candidate_revision].hash,
+                )
                 if result is not None:
                     new_status.last_analysis = result
                     verdict, verdict_reason = result.verdict, result.reason
 
         # 6. One step of the state machine.
         auto_promote = spec.rollout.blue_green.auto_promote if spec.rollout.blue_green else True
-        delay = float(spec.rollout.blue_green.scale_down_delay_seconds if strategy == api.Strategy.blue_green
-                      and spec.rollout.blue_green else spec.rollout.scale_down_delay_seconds)
+        delay = float(
+            spec.rollout.blue_green.scale_down_delay_seconds
+            if strategy == api.Strategy.blue_green and spec.rollout.blue_green
+            else spec.rollout.scale_down_delay_seconds
+        )
         tr = rollout.advance(
-            state, target=target_rec.revision, strategy=strategy, steps=api.steps_of(spec), obs=obs, total=total,
-            now=now, progress_deadline=float(spec.rollout.progress_deadline_seconds),
-            auto_rollback=spec.rollout.auto_rollback, commands=commands, analysis_verdict=verdict,
-            analysis_reason=verdict_reason, scale_down_delay=delay, auto_promote=auto_promote)
+            state,
+            target=target_rec.revision,
+            strategy=strategy,
+            steps=api.steps_of(spec),
+            obs=obs,
+            total=total,
+            now=now,
+            progress_deadline=float(spec.rollout.progress_deadline_seconds),
+            auto_rollback=spec.rollout.auto_rollback,
+            commands=commands,
+            analysis_verdict=verdict,
+            analysis_reason=verdict_reason,
+            scale_down_delay=delay,
+            auto_promote=auto_promote,
+        )
         new_state = tr.state
         events.extend(tr.events)
         for number, (outcome, reason) in tr.outcomes.items():
-            history = [r.model_copy(update={"outcome": outcome, "reason": reason}) if r.revision == number else r
-                       for r in history]
-        keep = {n for n in (new_state.stable_revision, new_state.candidate_revision,
-                            new_state.scale_down_revision) if n is not None}
+            history = [
+                r.model_copy(update={"outcome": outcome, "reason": reason}) if r.revision == number else r
+                for r in history
+            ]
+        keep = {
+            n
+            for n in (new_state.stable_revision, new_state.candidate_revision, new_state.scale_down_revision)
+            if n is not None
+        }
         history = revision.prune(history, spec.revision_history_limit, keep)
         by_number = {r.revision: r for r in history}
 
         # 7. Status, persisted before acting on the new state.
         for n in keep:
             obs.setdefault(n, obs_for(n))
-        self._fill_status(new_status, conditions, owner, spec, new_state, obs, total, now_s, generation, history,
-                          annotations)
+        self._fill_status(
+            new_status,
+            conditions,
+            owner,
+            spec,
+            new_state,
+            obs,
+            total,
+            now_s,
+            generation,
+            history,
+            annotations,
+        )
         if new_status != old_status:
-            changed = [k for k in type(new_status).model_fields
-                       if getattr(new_status, k) != getattr(old_status, k)]
+            changed = [
+                k for k in type(new_status).model_fields if getattr(new_status, k) != getattr(old_status, k)
+            ]
             log.debug("%s/%s: status changes: %s", ns, name, ", ".join(changed))
-            await self.kube.patch_status(api.KIND, ns, name, merge_patch(_dump(old_status), _dump(new_status)))
+            written = await self.kube.patch_status(
+                api.KIND, ns, name, merge_patch(_dump(old_status), _dump(new_status))
+            )
+            self._remember_own_write(written)
         for ev in events:
             await self.post_event(md, *ev)
 
@@ -395,80 +512,181 @@ class Reconciler:
         await self._apply_children(owner, spec, new_state, by_number, total)
         return Outcome(requeue_after=tr.requeue_after, events=events)
 
+    async def _hand_over_replicas(self, live: dict[str, Any]) -> None:
+        """A Deployment whose replicas we wrote becomes the HPA's (a promoted candidate, or the first
+        revision). Applying without ``replicas`` would *remove* the field, and the API server would
+        default it to 1: capacity would collapse until the HPA noticed. So first the current value is
+        applied under a second field manager (the documented server-side-apply hand-over); our apply then
+        drops our claim, the value stays, and the HPA's next scale takes the field over."""
+        meta = live["metadata"]
+        replicas = (live.get("spec") or {}).get("replicas")
+        if replicas is None:
+            return
+        body = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+            "spec": {"replicas": replicas},
+        }
+        await self.kube.request(
+            "PATCH",
+            path_for("Deployment", meta["namespace"], meta["name"]),
+            kind="Deployment",
+            params={"fieldManager": HANDOVER_MANAGER, "force": "true"},
+            body=body,
+            content_type="application/apply-patch+yaml",
+        )
+
+    def _remember_own_write(self, obj: dict[str, Any] | None) -> None:
+        """Put the object our status write returned into the cache at once. Until the watch delivers it,
+        a reconcile (e.g. triggered by a child's event) would otherwise start from the previous status and
+        could take the same transition twice (a second promotion, a second Event)."""
+        if obj and obj.get("metadata"):
+            obj.setdefault("kind", api.KIND)
+            self.cache.put(obj)
+
     async def _preflight(self, namespace: str, spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
-        if spec.model.config is not None and spec.model.scheme in builders.NATIVE_SCHEMES \
-                and spec.model.scheme not in staging.SUPPORTED_SCHEMES:
-            return ("StorageNotSupported",
-                    f"spec.model.config with {spec.model.scheme}:// needs the init-container stager, which cannot "
-                    f"fetch {spec.model.scheme}:// yet: put config.pbtxt into the repository and remove "
-                    "spec.model.config, or serve the repository from pvc:// or https://")
+        if (
+            spec.model.config is not None
+            and spec.model.scheme in builders.NATIVE_SCHEMES
+            and spec.model.scheme not in staging.SUPPORTED_SCHEMES
+        ):
+            return (
+                "StorageNotSupported",
+                f"spec.model.config with {spec.model.scheme}:// needs the init-container stager, which "
+                "cannot "
+                f"fetch {spec.model.scheme}:// yet: put config.pbtxt into the repository and remove "
+                "spec.model.config, or serve the repository from pvc:// or https://",
+            )
         claim = builders.pvc_claim(spec)
         if claim and not await self._exists("PersistentVolumeClaim", namespace, claim[0]):
-            return ("ClaimMissing",
-                    f"spec.model.storageUri: PersistentVolumeClaim {namespace}/{claim[0]} not found; create it "
-                    "or point storageUri at an existing claim")
+            return (
+                "ClaimMissing",
+                f"spec.model.storageUri: PersistentVolumeClaim {namespace}/{claim[0]} not found; create it "
+                "or point storageUri at an existing claim",
+            )
         secret = spec.model.credentials_secret
         if secret and not await self._exists("Secret", namespace, secret):
-            return ("CredentialsSecretMissing",
-                    f"spec.model.credentialsSecret: Secret {namespace}/{secret} not found; create it (keys: "
-                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, service-account.json for gs, "
-                    "AZURE_STORAGE_ACCOUNT/AZURE_STORAGE_KEY for as) or remove the field")
+            return (
+                "CredentialsSecretMissing",
+                f"spec.model.credentialsSecret: Secret {namespace}/{secret} not found; create it (keys: "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, service-account.json for gs, "
+                "AZURE_STORAGE_ACCOUNT/AZURE_STORAGE_KEY for as) or remove the field",
+            )
         return None
 
-    async def _report_spec_error(self, md: dict[str, Any], new_status: api.ModelDeploymentStatus,
-                                 conditions: list[api.Condition], reason: str, message: str, now_s: str) -> Outcome:
+    async def _report_spec_error(
+        self,
+        md: dict[str, Any],
+        new_status: api.ModelDeploymentStatus,
+        conditions: list[api.Condition],
+        reason: str,
+        message: str,
+        now_s: str,
+    ) -> Outcome:
         meta = md["metadata"]
         gen = meta.get("generation")
         old = new_status.model_copy(deep=True)
-        conditions = status.set_condition(conditions, status.PROGRESSING, False, reason, message, now=now_s,
-                                          generation=gen)
+        conditions = status.set_condition(
+            conditions, status.PROGRESSING, False, reason, message, now=now_s, generation=gen
+        )
         if new_status.rollout is None or new_status.rollout.stable_revision is None:
             new_status.phase = "Failed"
-            conditions = status.set_condition(conditions, status.READY, False, reason, message, now=now_s,
-                                              generation=gen)
+            conditions = status.set_condition(
+                conditions, status.READY, False, reason, message, now=now_s, generation=gen
+            )
         new_status.message = message
         new_status.conditions = conditions
         new_status.observed_generation = gen
         if new_status != old:
-            await self.kube.patch_status(api.KIND, meta["namespace"], meta["name"],
-                                         merge_patch(_dump(old), _dump(new_status)))
+            result = await self.kube.patch_status(
+                api.KIND, meta["namespace"], meta["name"], merge_patch(_dump(old), _dump(new_status))
+            )
+            self._remember_own_write(result)
             await self.post_event(md, "Warning", reason, message)
         return Outcome(requeue_after=30.0 if reason == "CredentialsSecretMissing" else None)
 
-    def _fill_status(self, st: api.ModelDeploymentStatus, conditions: list[api.Condition], owner: builders.Owner,
-                     spec: api.ModelDeploymentSpec, state: api.RolloutState,
-                     obs: dict[int, rollout.RevisionObservation], total: int, now_s: str, gen: int | None,
-                     history: list[api.RevisionRecord], annotations: dict[str, str]) -> None:
+    def _fill_status(
+        self,
+        st: api.ModelDeploymentStatus,
+        conditions: list[api.Condition],
+        owner: builders.Owner,
+        spec: api.ModelDeploymentSpec,
+        state: api.RolloutState,
+        obs: dict[int, rollout.RevisionObservation],
+        total: int,
+        now_s: str,
+        gen: int | None,
+        history: list[api.RevisionRecord],
+        annotations: dict[str, str],
+    ) -> None:
         stable_n, cand_n = state.stable_revision, state.candidate_revision
         stable_obs = obs.get(stable_n, rollout.RevisionObservation()) if stable_n else None
         cand_obs = obs.get(cand_n, rollout.RevisionObservation()) if cand_n else None
         serving_obs = stable_obs if stable_obs is not None else cand_obs or rollout.RevisionObservation()
         by_number = {r.revision: r for r in history}
-        was_ready = any(c.type == status.READY and c.status == "True" for c in conditions) or \
-            st.phase in ("Ready", "Degraded", "Progressing", "Paused", "RolledBack")
+        was_ready = any(c.type == status.READY and c.status == "True" for c in conditions) or st.phase in (
+            "Ready",
+            "Degraded",
+            "Progressing",
+            "Paused",
+            "RolledBack",
+        )
         first_failure = cand_obs.failure if stable_n is None and cand_obs else None
-        phase, message = status.phase_of(state, stable_ready=serving_obs.ready, stable_desired=total,
-                                         first_failure=first_failure, spec_error=None, was_ready=was_ready)
+        phase, message = status.phase_of(
+            state,
+            stable_ready=serving_obs.ready,
+            stable_desired=total,
+            first_failure=first_failure,
+            spec_error=None,
+            was_ready=was_ready,
+        )
         ready = stable_obs is not None and stable_obs.ready >= total
         rolling = state.state in (rollout.PROGRESSING, rollout.PROMOTING, rollout.PAUSED)
         conditions = status.set_condition(
-            conditions, status.READY, ready, "AllReplicasReady" if ready else "ReplicasNotReady",
-            f"{serving_obs.ready}/{total} pods of the serving revision ready", now=now_s, generation=gen)
+            conditions,
+            status.READY,
+            ready,
+            "AllReplicasReady" if ready else "ReplicasNotReady",
+            f"{serving_obs.ready}/{total} pods of the serving revision ready",
+            now=now_s,
+            generation=gen,
+        )
         conditions = status.set_condition(
-            conditions, status.PROGRESSING, rolling,
-            {rollout.PAUSED: "RolloutPaused", rollout.PROGRESSING: "RolloutInProgress",
-             rollout.PROMOTING: "Promoting"}.get(state.state, "RolloutComplete" if state.state == rollout.IDLE
-                                                 else "RolloutStopped"),
-            message, now=now_s, generation=gen)
+            conditions,
+            status.PROGRESSING,
+            rolling,
+            {
+                rollout.PAUSED: "RolloutPaused",
+                rollout.PROGRESSING: "RolloutInProgress",
+                rollout.PROMOTING: "Promoting",
+            }.get(state.state, "RolloutComplete" if state.state == rollout.IDLE else "RolloutStopped"),
+            message,
+            now=now_s,
+            generation=gen,
+        )
         degraded = phase in ("Degraded", "Failed")
         conditions = status.set_condition(
-            conditions, status.DEGRADED, degraded, phase if degraded else "Healthy",
-            message if degraded else "", now=now_s, generation=gen)
+            conditions,
+            status.DEGRADED,
+            degraded,
+            phase if degraded else "Healthy",
+            message if degraded else "",
+            now=now_s,
+            generation=gen,
+        )
         rolled_back = state.state in (rollout.ROLLED_BACK, rollout.ABORTED)
         conditions = status.set_condition(
-            conditions, status.ROLLED_BACK, rolled_back,
-            ("Aborted" if state.state == rollout.ABORTED else "RolledBack") if rolled_back else "NotRolledBack",
-            state.reason or "" if rolled_back else "", now=now_s, generation=gen)
+            conditions,
+            status.ROLLED_BACK,
+            rolled_back,
+            ("Aborted" if state.state == rollout.ABORTED else "RolledBack")
+            if rolled_back
+            else "NotRolledBack",
+            state.reason or "" if rolled_back else "",
+            now=now_s,
+            generation=gen,
+        )
         st.conditions = conditions
         st.phase, st.message = phase, message
         st.observed_generation = gen
@@ -476,7 +694,9 @@ class Reconciler:
         st.replicas = sum(o.desired for o in obs.values())
         st.ready_replicas = sum(o.ready for o in obs.values())
         st.ready = f"{serving_obs.ready}/{total}"
-        st.selector = f"{builders.LABEL_NAME}={owner.name},app.kubernetes.io/component={builders.COMPONENT_SERVER}"
+        st.selector = (
+            f"{builders.LABEL_NAME}={owner.name},app.kubernetes.io/component={builders.COMPONENT_SERVER}"
+        )
         serving = by_number.get(stable_n) if stable_n else None
         st.serving_version = serving.model_version if serving else None
         st.stable_revision = stable_n
@@ -488,14 +708,23 @@ class Reconciler:
         st.endpoints = api.Endpoints(**builders.endpoints(owner, spec))
         st.history = history
 
-    async def _apply_children(self, owner: builders.Owner, spec: api.ModelDeploymentSpec,
-                              state: api.RolloutState, by_number: dict[int, api.RevisionRecord], total: int) -> None:
+    async def _apply_children(
+        self,
+        owner: builders.Owner,
+        spec: api.ModelDeploymentSpec,
+        state: api.RolloutState,
+        by_number: dict[int, api.RevisionRecord],
+        total: int,
+    ) -> None:
         strategy = spec.rollout.strategy
         hpa_on = spec.autoscaling is not None
         plan = rollout.replicas_for(state, strategy, total)
         if strategy == api.Strategy.rolling:
-            active = state.candidate_revision if state.state in (rollout.PROGRESSING, rollout.PROMOTING,
-                                                                 rollout.PAUSED) else state.stable_revision
+            active = (
+                state.candidate_revision
+                if state.state in (rollout.PROGRESSING, rollout.PROMOTING, rollout.PAUSED)
+                else state.stable_revision
+            )
             plan = {active: total} if active is not None else {}
         desired: list[dict[str, Any]] = []
         stable_rec = by_number.get(state.stable_revision) if state.stable_revision else None
@@ -508,9 +737,14 @@ class Reconciler:
             rev_spec = revision.with_pod_shaping(spec, rec.spec)
             is_stable = number == state.stable_revision
             # With autoscaling the HPA owns the stable Deployment's replicas; we never write them.
-            dep = builders.build_deployment(owner, rev_spec, rec.hash, revision_number=number,
-                                            replicas=None if hpa_on and is_stable else replicas,
-                                            stager_image=self.stager_image)
+            dep = builders.build_deployment(
+                owner,
+                rev_spec,
+                rec.hash,
+                revision_number=number,
+                replicas=None if hpa_on and is_stable else replicas,
+                stager_image=self.stager_image,
+            )
             if is_stable:
                 hpa_target = dep["metadata"]["name"]
             desired.append(dep)
@@ -519,9 +753,23 @@ class Reconciler:
                 desired.append(cm)
         serving = stable_rec or cand_rec
         if serving is not None:
-            candidate_hash = cand_rec.hash if cand_rec and state.state not in (
-                rollout.ROLLED_BACK, rollout.ABORTED, rollout.IDLE) else None
-            desired.extend(builders.build_services(owner, spec, stable=serving.hash, candidate=candidate_hash))
+            candidate_hash = (
+                cand_rec.hash
+                if cand_rec and state.state not in (rollout.ROLLED_BACK, rollout.ABORTED, rollout.IDLE)
+                else None
+            )
+            services = builders.build_services(owner, spec, stable=serving.hash, candidate=candidate_hash)
+            if strategy == api.Strategy.canary and candidate_hash is None:
+                # No canary split going on: the main Service serves the stable revision alone. A superseded
+                # revision kept for scaleDownDelaySeconds, or a rolled-back candidate still terminating,
+                # gets no traffic (otherwise "promoted" would still send it its replica share).
+                for svc in services:
+                    if svc["metadata"]["labels"].get("modeldeploy.io/role") == "main":
+                        svc["spec"]["selector"] = {
+                            **svc["spec"]["selector"],
+                            builders.LABEL_REVISION: serving.hash,
+                        }
+            desired.extend(services)
             if hpa_target is None and serving is cand_rec:
                 hpa_target = builders.deployment_name(owner, serving.hash, strategy)
         if hpa_target is not None:
@@ -541,12 +789,19 @@ class Reconciler:
             wanted.add(key)
             live = self.cache.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
             if live is None:
-                # A cache miss (e.g. right after a restart, before the watch has listed it): confirm with a read.
+                # A cache miss (e.g. right after a restart, before the watch listed it): confirm by a read.
                 live = await self.kube.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
                 if live is not None:
                     live.setdefault("kind", obj["kind"])
                     self.cache.put(live)
             if needs_apply(live, obj):
+                if (
+                    obj["kind"] == "Deployment"
+                    and "replicas" not in obj["spec"]
+                    and live is not None
+                    and _owns_replicas(live)
+                ):
+                    await self._hand_over_replicas(live)
                 result = await self.kube.apply(obj)
                 self.cache.put(result)
         # Children we own that are no longer wanted (superseded revisions, disabled HPA/PDB).
@@ -563,6 +818,18 @@ class Reconciler:
                     if exc.status != 409:
                         raise
                 self.cache.delete(kind, owner.namespace, lmeta["name"])
+
+
+def _owns_replicas(dep: dict[str, Any]) -> bool:
+    """Whether our apply manager owns a Deployment's spec.replicas (so dropping it would reset it)."""
+    for entry in dep["metadata"].get("managedFields") or []:
+        if (
+            entry.get("manager") == builders.MANAGER
+            and entry.get("operation") == "Apply"
+            and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        ):
+            return True
+    return False
 
 
 def _dump(st: api.ModelDeploymentStatus) -> dict[str, Any]:
@@ -605,8 +872,11 @@ def _nonce_field(key: str) -> str:
 
 
 def _remember_nonces(state: api.RolloutState, annotations: dict[str, str]) -> api.RolloutState:
-    update = {_nonce_field(k): annotations[k] for k in (PROMOTE_ANNOTATION, RESUME_ANNOTATION, ABORT_ANNOTATION)
-              if annotations.get(k)}
+    update = {
+        _nonce_field(k): annotations[k]
+        for k in (PROMOTE_ANNOTATION, RESUME_ANNOTATION, ABORT_ANNOTATION)
+        if annotations.get(k)
+    }
     return state.model_copy(update=update) if update else state
 
 

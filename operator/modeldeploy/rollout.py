@@ -25,7 +25,13 @@ from datetime import UTC, datetime
 from . import api
 
 IDLE, PROGRESSING, PAUSED, PROMOTING, ROLLED_BACK, ABORTED = (
-    "Idle", "Progressing", "Paused", "Promoting", "RolledBack", "Aborted")
+    "Idle",
+    "Progressing",
+    "Paused",
+    "Promoting",
+    "RolledBack",
+    "Aborted",
+)
 
 CRASHLOOP_RESTARTS = 3
 FAILED_PAUSE = "Failed: "
@@ -45,9 +51,9 @@ def parse_time(value: str | None) -> datetime | None:
 class RevisionObservation:
     """What the cluster shows of one revision's pods."""
 
-    desired: int = 0          # Deployment spec.replicas as observed
-    ready: int = 0            # ready pods of this revision
-    updated: int = 0          # pods of the current template
+    desired: int = 0  # Deployment spec.replicas as observed
+    ready: int = 0  # ready pods of this revision
+    updated: int = 0  # pods of the current template
     failure: str | None = None  # CrashLoopBackOff, ProgressDeadlineExceeded, ... when visible
 
 
@@ -56,8 +62,8 @@ class Commands:
     """Manual control, from spec and annotations (nonces already de-duplicated)."""
 
     paused: bool = False
-    promote: bool = False     # skip the remaining steps
-    resume: bool = False      # continue past an indefinite pause
+    promote: bool = False  # skip the remaining steps
+    resume: bool = False  # continue past an indefinite pause
     abort: bool = False
     fast_track: bool = False  # rollbackTo: no steps, no analysis
 
@@ -108,13 +114,19 @@ def replicas_for(state: api.RolloutState, strategy: api.Strategy, total: int) ->
     return out
 
 
-def _fail(state: api.RolloutState, reason: str, now: datetime, *, auto_rollback: bool,
-          aborted: bool = False) -> Transition:
+def _fail(
+    state: api.RolloutState, reason: str, now: datetime, *, auto_rollback: bool, aborted: bool = False
+) -> Transition:
     cand = state.candidate_revision
     if not auto_rollback and not aborted:
-        st = state.model_copy(update={"state": PAUSED, "reason": f"{FAILED_PAUSE}{reason} (autoRollback is off)"})
-        return Transition(st, [("Warning", "RolloutFailed", f"revision {cand} failed: {reason}; paused")],
-                          requeue_after=None)
+        st = state.model_copy(
+            update={"state": PAUSED, "reason": f"{FAILED_PAUSE}{reason} (autoRollback is off)"}
+        )
+        return Transition(
+            st,
+            [("Warning", "RolloutFailed", f"revision {cand} failed: {reason}; paused")],
+            requeue_after=None,
+        )
     new = api.RolloutState(
         state=ABORTED if aborted else ROLLED_BACK,
         stable_revision=state.stable_revision,
@@ -124,25 +136,54 @@ def _fail(state: api.RolloutState, reason: str, now: datetime, *, auto_rollback:
         started_at=state.started_at,
         step_started_at=now_iso(now),
         reason=reason,
+        # A revision still kept for its scale-down delay stays kept: the failure is not its business.
+        scale_down_revision=state.scale_down_revision,
+        scale_down_at=state.scale_down_at,
     )
     outcome = "Aborted" if aborted else "RolledBack"
     verb = "aborted" if aborted else "rolled back"
-    events = [("Warning", "RolledBack" if not aborted else "Aborted",
-               f"revision {cand} {verb}: {reason}; traffic back on revision {state.stable_revision}")]
+    events = [
+        (
+            "Warning",
+            "RolledBack" if not aborted else "Aborted",
+            f"revision {cand} {verb}: {reason}; traffic back on revision {state.stable_revision}",
+        )
+    ]
     return Transition(new, events, {cand: (outcome, reason)} if cand is not None else {})
 
 
-def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strategy,
-            steps: list[api.CanaryStep], obs: dict[int, RevisionObservation], total: int,
-            now: datetime, progress_deadline: float, auto_rollback: bool, commands: Commands,
-            analysis_verdict: str | None = None, analysis_reason: str = "",
-            scale_down_delay: float = 0.0, auto_promote: bool = True) -> Transition:
+def advance(
+    state: api.RolloutState | None,
+    *,
+    target: int,
+    strategy: api.Strategy,
+    steps: list[api.CanaryStep],
+    obs: dict[int, RevisionObservation],
+    total: int,
+    now: datetime,
+    progress_deadline: float,
+    auto_rollback: bool,
+    commands: Commands,
+    analysis_verdict: str | None = None,
+    analysis_reason: str = "",
+    scale_down_delay: float = 0.0,
+    auto_promote: bool = True,
+) -> Transition:
     """One step of the rollout state machine. ``target`` is the revision the spec asks for."""
-    if state is None or state.stable_revision is None and state.candidate_revision is None:
+    if state is None or (state.stable_revision is None and state.candidate_revision is None):
         # First revision ever: no stable to protect; it comes up at full size.
-        st = api.RolloutState(state=PROMOTING, stable_revision=None, candidate_revision=target, step=0,
-                              weight=100, started_at=now_iso(now), step_started_at=now_iso(now))
-        return Transition(st, [("Normal", "Creating", f"revision {target} created")], {target: ("Progressing", None)})
+        st = api.RolloutState(
+            state=PROMOTING,
+            stable_revision=None,
+            candidate_revision=target,
+            step=0,
+            weight=100,
+            started_at=now_iso(now),
+            step_started_at=now_iso(now),
+        )
+        return Transition(
+            st, [("Normal", "Creating", f"revision {target} created")], {target: ("Progressing", None)}
+        )
 
     # Delayed scale-down of a superseded revision.
     scale_down_wait: float | None = None
@@ -150,36 +191,72 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
         due = parse_time(state.scale_down_at)
         if due is None or now >= due:
             st = state.model_copy(update={"scale_down_revision": None, "scale_down_at": None})
-            return Transition(st, [("Normal", "ScaledDown", f"revision {state.scale_down_revision} scaled down")])
+            return Transition(
+                st, [("Normal", "ScaledDown", f"revision {state.scale_down_revision} scaled down")]
+            )
         scale_down_wait = (due - now).total_seconds() + 0.1
 
     stable, cand = state.stable_revision, state.candidate_revision
 
     # A new target while idle, rolled back or mid-rollout: start (or restart) a rollout.
-    if target != cand and target != stable or (target == stable and cand is not None and state.state in (
-            PROGRESSING, PAUSED, PROMOTING) and stable is not None):
+    if (target != cand and target != stable) or (
+        target == stable
+        and cand is not None
+        and state.state in (PROGRESSING, PAUSED, PROMOTING)
+        and stable is not None
+    ):
         if target == stable:
             # The spec went back to the stable revision mid-rollout: the candidate is dropped.
             st = idle(stable).model_copy(update={"reason": f"spec returned to revision {stable}"})
-            return Transition(st, [("Normal", "RolloutCancelled",
-                                    f"spec returned to revision {stable}; revision {cand} dropped")],
-                              {cand: ("Superseded", "spec changed")} if cand is not None else {})
+            return Transition(
+                st,
+                [
+                    (
+                        "Normal",
+                        "RolloutCancelled",
+                        f"spec returned to revision {stable}; revision {cand} dropped",
+                    )
+                ],
+                {cand: ("Superseded", "spec changed")} if cand is not None else {},
+            )
         outcomes: dict[int, tuple[str, str | None]] = {target: ("Progressing", None)}
         if cand is not None and state.state in (PROGRESSING, PAUSED, PROMOTING):
             outcomes[cand] = ("Superseded", f"replaced by revision {target} mid-rollout")
         if stable is None:
-            st = api.RolloutState(state=PROMOTING, candidate_revision=target, weight=100,
-                                  started_at=now_iso(now), step_started_at=now_iso(now))
+            st = api.RolloutState(
+                state=PROMOTING,
+                candidate_revision=target,
+                weight=100,
+                started_at=now_iso(now),
+                step_started_at=now_iso(now),
+            )
             return Transition(st, [("Normal", "Creating", f"revision {target} created")], outcomes)
         first_state = PROMOTING if strategy == api.Strategy.rolling or commands.fast_track else PROGRESSING
-        weight = 100 if first_state == PROMOTING else 0 if strategy == api.Strategy.blue_green else steps[0].weight
+        weight = (
+            100 if first_state == PROMOTING else 0 if strategy == api.Strategy.blue_green else steps[0].weight
+        )
         st = api.RolloutState(
-            state=first_state, stable_revision=stable, candidate_revision=target, step=0, weight=weight,
-            started_at=now_iso(now), step_started_at=now_iso(now),
-            scale_down_revision=state.scale_down_revision, scale_down_at=state.scale_down_at)
-        return Transition(st, [("Normal", "RolloutStarted",
-                                f"{strategy.value} rollout of revision {target} started (stable: {stable})")],
-                          outcomes)
+            state=first_state,
+            stable_revision=stable,
+            candidate_revision=target,
+            step=0,
+            weight=weight,
+            started_at=now_iso(now),
+            step_started_at=now_iso(now),
+            scale_down_revision=state.scale_down_revision,
+            scale_down_at=state.scale_down_at,
+        )
+        return Transition(
+            st,
+            [
+                (
+                    "Normal",
+                    "RolloutStarted",
+                    f"{strategy.value} rollout of revision {target} started (stable: {stable})",
+                )
+            ],
+            outcomes,
+        )
 
     if state.state in (ROLLED_BACK, ABORTED) and target == stable and cand is not None:
         return Transition(idle(stable), [("Normal", "Idle", f"spec is back at stable revision {stable}")])
@@ -196,44 +273,71 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
     if state.state == PAUSED and (state.reason or "").startswith(FAILED_PAUSE):
         # Failed with autoRollback off: hold until the user decides (promote, resume or abort).
         if commands.promote:
-            st = state.model_copy(update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now),
-                                          "reason": "promoted by user"})
+            st = state.model_copy(
+                update={
+                    "state": PROMOTING,
+                    "weight": 100,
+                    "step_started_at": now_iso(now),
+                    "reason": "promoted by user",
+                }
+            )
             return Transition(st, [("Normal", "PromoteRequested", f"revision {cand}: promoted by user")])
         if commands.resume:
-            st = state.model_copy(update={"state": PROGRESSING, "step_started_at": now_iso(now), "reason": None})
+            st = state.model_copy(
+                update={"state": PROGRESSING, "step_started_at": now_iso(now), "reason": None}
+            )
             return Transition(st, [("Normal", "Resumed", f"rollout of revision {cand} resumed")])
         return Transition(state)
     if cobs.failure and stable is not None:
         return _fail(state, cobs.failure, now, auto_rollback=auto_rollback)
     if commands.promote and state.state != PROMOTING:
-        st = state.model_copy(update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now),
-                                      "reason": "promoted by user"})
+        st = state.model_copy(
+            update={
+                "state": PROMOTING,
+                "weight": 100,
+                "step_started_at": now_iso(now),
+                "reason": "promoted by user",
+            }
+        )
         return Transition(st, [("Normal", "PromoteRequested", f"revision {cand}: remaining steps skipped")])
 
     want = replicas_for(state, strategy, total).get(cand, 0)
     pods_ready = cobs.ready >= want and cobs.updated >= want
     if not pods_ready:
         if elapsed > progress_deadline and stable is not None:
-            return _fail(state, f"ProgressDeadlineExceeded: {cobs.ready}/{want} pods ready after "
-                                f"{int(elapsed)}s (progressDeadlineSeconds {int(progress_deadline)})",
-                         now, auto_rollback=auto_rollback)
+            return _fail(
+                state,
+                f"ProgressDeadlineExceeded: {cobs.ready}/{want} pods ready after "
+                f"{int(elapsed)}s (progressDeadlineSeconds {int(progress_deadline)})",
+                now,
+                auto_rollback=auto_rollback,
+            )
         return Transition(state, requeue_after=max(1.0, progress_deadline - elapsed + 0.5))
 
     if state.state == PROMOTING:
         # Candidate (pre-)scaled to full size and ready: it becomes stable.
         delay_at = now.timestamp() + scale_down_delay
         st = api.RolloutState(
-            state=IDLE, stable_revision=cand, candidate_revision=None, weight=0,
+            state=IDLE,
+            stable_revision=cand,
+            candidate_revision=None,
+            weight=0,
             started_at=state.started_at,
             scale_down_revision=stable if stable is not None and scale_down_delay > 0 else None,
-            scale_down_at=now_iso(datetime.fromtimestamp(delay_at, UTC)) if stable and scale_down_delay > 0
-            else None)
+            scale_down_at=now_iso(datetime.fromtimestamp(delay_at, UTC))
+            if stable and scale_down_delay > 0
+            else None,
+        )
         outcomes = {cand: ("Serving", None)}
         if stable is not None:
             outcomes[stable] = ("Superseded", f"replaced by revision {cand}")
         verb = "promoted" if stable is not None else "ready"
-        return Transition(st, [("Normal", "Promoted", f"revision {cand} {verb}: serving all traffic")], outcomes,
-                          requeue_after=scale_down_delay + 0.5 if stable and scale_down_delay > 0 else None)
+        return Transition(
+            st,
+            [("Normal", "Promoted", f"revision {cand} {verb}: serving all traffic")],
+            outcomes,
+            requeue_after=scale_down_delay + 0.5 if stable and scale_down_delay > 0 else None,
+        )
 
     if commands.paused:
         if state.state != PAUSED:
@@ -250,16 +354,23 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
         return _fail(state, f"analysis failed: {analysis_reason}", now, auto_rollback=auto_rollback)
     if analysis_verdict in ("Pending", "Inconclusive"):
         if elapsed > progress_deadline:
-            return _fail(state, f"analysis inconclusive past the deadline: {analysis_reason}", now,
-                         auto_rollback=auto_rollback)
+            return _fail(
+                state,
+                f"analysis inconclusive past the deadline: {analysis_reason}",
+                now,
+                auto_rollback=auto_rollback,
+            )
         return Transition(state, requeue_after=1.0)
 
     if strategy == api.Strategy.blue_green:
         # Preview is ready (and passed analysis): flip, unless waiting for a manual promote.
         if auto_promote or commands.resume:
-            st = state.model_copy(update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now),
-                                          "reason": None})
-            return Transition(st, [("Normal", "Promoting", f"preview revision {cand} ready: switching traffic")])
+            st = state.model_copy(
+                update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now), "reason": None}
+            )
+            return Transition(
+                st, [("Normal", "Promoting", f"preview revision {cand} ready: switching traffic")]
+            )
         if state.state != PAUSED:
             st = state.model_copy(update={"state": PAUSED, "reason": "waiting for promote"})
             return Transition(st, [("Normal", "Paused", f"preview revision {cand} ready; waits for promote")])
@@ -269,15 +380,25 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
     ready_at = parse_time(state.step_ready_at)
     if ready_at is None:
         st = state.model_copy(update={"step_ready_at": now_iso(now)})
-        return Transition(st, [("Normal", "StepReady",
-                                f"revision {cand} step {state.step + 1}/{len(steps)} at weight {state.weight}%")])
+        return Transition(
+            st,
+            [
+                (
+                    "Normal",
+                    "StepReady",
+                    f"revision {cand} step {state.step + 1}/{len(steps)} at weight {state.weight}%",
+                )
+            ],
+        )
     if step.pause is not None:
         if step.pause.duration is None:
             if not commands.resume:
                 if state.state != PAUSED:
                     st = state.model_copy(update={"state": PAUSED, "reason": "waiting for promote"})
-                    return Transition(st, [("Normal", "Paused", f"revision {cand}: step {state.step + 1} "
-                                                                "waits for promote")])
+                    return Transition(
+                        st,
+                        [("Normal", "Paused", f"revision {cand}: step {state.step + 1} waits for promote")],
+                    )
                 return Transition(state)
         else:
             left = api.parse_duration(step.pause.duration) - (now - ready_at).total_seconds()
@@ -285,10 +406,34 @@ def advance(state: api.RolloutState | None, *, target: int, strategy: api.Strate
                 return Transition(state, requeue_after=left + 0.1)
     nxt = state.step + 1
     if nxt >= len(steps) or steps[nxt].weight >= 100:
-        st = state.model_copy(update={"state": PROMOTING, "step": min(nxt, len(steps) - 1), "weight": 100,
-                                      "step_started_at": now_iso(now), "step_ready_at": None, "reason": None})
+        st = state.model_copy(
+            update={
+                "state": PROMOTING,
+                "step": min(nxt, len(steps) - 1),
+                "weight": 100,
+                "step_started_at": now_iso(now),
+                "step_ready_at": None,
+                "reason": None,
+            }
+        )
         return Transition(st, [("Normal", "Promoting", f"revision {cand}: final step, scaling to full size")])
-    st = state.model_copy(update={"state": PROGRESSING, "step": nxt, "weight": steps[nxt].weight,
-                                  "step_started_at": now_iso(now), "step_ready_at": None, "reason": None})
-    return Transition(st, [("Normal", "StepAdvanced",
-                            f"revision {cand}: step {nxt + 1}/{len(steps)}, weight {steps[nxt].weight}%")])
+    st = state.model_copy(
+        update={
+            "state": PROGRESSING,
+            "step": nxt,
+            "weight": steps[nxt].weight,
+            "step_started_at": now_iso(now),
+            "step_ready_at": None,
+            "reason": None,
+        }
+    )
+    return Transition(
+        st,
+        [
+            (
+                "Normal",
+                "StepAdvanced",
+                f"revision {cand}: step {nxt + 1}/{len(steps)}, weight {steps[nxt].weight}%",
+            )
+        ],
+    )
