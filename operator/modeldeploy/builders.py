@@ -395,8 +395,8 @@ def build_services(
 ) -> list[dict[str, Any]]:
     """The main Service plus direct-access Services.
 
-    Canary and Rolling: the main Service selects every ready pod of the model, so traffic
-    splits by replica ratio. BlueGreen: the main Service selects the active revision only;
+    Canary during a rollout and Rolling: the main Service selects every ready pod of the model,
+    so traffic splits by replica ratio. BlueGreen: the main Service selects the active revision only;
     promotion flips it. ``NAME-stable``/``NAME-canary`` (``NAME-preview``) give direct access.
     """
     strategy = spec.rollout.strategy
@@ -407,7 +407,12 @@ def build_services(
         selectors["main"] = {**base, LABEL_REVISION: stable}
         selectors["preview"] = {**base, LABEL_REVISION: candidate or stable}
     else:
-        selectors["main"] = base
+        # Canary with a candidate: every ready pod of the model, so traffic splits by replica ratio.
+        # Otherwise the stable revision alone: a superseded revision kept for scaleDownDelaySeconds, or a
+        # rolled-back candidate still terminating, gets no traffic. Rolling keeps one Deployment whose
+        # pods change revision as it rolls, so its main Service never pins one.
+        pin = strategy == api.Strategy.canary and candidate is None
+        selectors["main"] = {**base, LABEL_REVISION: stable} if pin else base
         selectors["stable"] = {**base, LABEL_REVISION: stable}
         selectors["canary"] = {**base, LABEL_REVISION: candidate or stable}
     out = []

@@ -759,16 +759,6 @@ class Reconciler:
                 else None
             )
             services = builders.build_services(owner, spec, stable=serving.hash, candidate=candidate_hash)
-            if strategy == api.Strategy.canary and candidate_hash is None:
-                # No canary split going on: the main Service serves the stable revision alone. A superseded
-                # revision kept for scaleDownDelaySeconds, or a rolled-back candidate still terminating,
-                # gets no traffic (otherwise "promoted" would still send it its replica share).
-                for svc in services:
-                    if svc["metadata"]["labels"].get("modeldeploy.io/role") == "main":
-                        svc["spec"]["selector"] = {
-                            **svc["spec"]["selector"],
-                            builders.LABEL_REVISION: serving.hash,
-                        }
             desired.extend(services)
             if hpa_target is None and serving is cand_rec:
                 hpa_target = builders.deployment_name(owner, serving.hash, strategy)

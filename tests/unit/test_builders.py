@@ -413,6 +413,14 @@ def test_canary_services_and_selectors() -> None:
 def test_canary_service_points_at_stable_when_no_rollout() -> None:
     svcs = services(spec_of(), candidate=None)
     assert svcs["resnet50-canary"]["spec"]["selector"][builders.LABEL_REVISION] == "stablehash"
+    # No split under way: the main Service serves the stable revision alone (a revision waiting out its
+    # scale-down delay gets no traffic).
+    assert svcs["resnet50"]["spec"]["selector"][builders.LABEL_REVISION] == "stablehash"
+
+
+def test_rolling_main_service_never_pins_a_revision() -> None:
+    svcs = services(spec_of(rollout={"strategy": "Rolling"}), candidate=None)
+    assert builders.LABEL_REVISION not in svcs["resnet50"]["spec"]["selector"]
 
 
 def test_service_selectors_match_the_pods() -> None:
