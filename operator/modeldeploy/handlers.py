@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Any
 
 import kopf
@@ -22,6 +23,7 @@ import kopf
 from . import api, builders, metrics
 from .analysis import TritonAnalysis
 from .kube import Kube
+from .leader import LeaderElector
 from .reconcile import Cache, Reconciler, WorkQueue
 
 log = logging.getLogger("modeldeploy")
@@ -47,6 +49,8 @@ class Operator:
         self.queue: WorkQueue | None = None
         self.resync_task: asyncio.Task[None] | None = None
         self.resync_seconds = float(os.environ.get("MODELDEPLOY_RESYNC_SECONDS", "60"))
+        self.leader = True  # without leader election this process always acts
+        self.election_task: asyncio.Task[None] | None = None
 
 
 OP = Operator()
@@ -91,6 +95,8 @@ def _pod_ips(namespace: str, revision_hash: str) -> list[str]:
 
 async def _reconcile(namespace: str, name: str) -> None:
     assert OP.reconciler is not None and OP.queue is not None
+    if not OP.leader:
+        return  # a standby keeps its cache warm and acts only once it holds the lease
     with metrics.RECONCILE_SECONDS.time():
         try:
             outcome = await OP.reconciler.reconcile(namespace, name)
@@ -139,14 +145,44 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "8")))
     OP.queue.start()
+    if os.environ.get("MODELDEPLOY_LEADER_ELECTION", "").lower() in ("1", "true", "yes"):
+        OP.leader = False
+        metrics.LEADER.set(0)
+        elector = LeaderElector(
+            OP.kube,
+            namespace=os.environ.get("MODELDEPLOY_LEASE_NAMESPACE")
+            or os.environ.get("POD_NAMESPACE")
+            or "default",
+            name=os.environ.get("MODELDEPLOY_LEASE_NAME", "modeldeploy-operator"),
+            identity=f"{socket.gethostname()}-{os.getpid()}",
+            lease_seconds=float(os.environ.get("MODELDEPLOY_LEASE_SECONDS", "15")),
+            on_started=_became_leader,
+            on_lost=_lost_leadership,
+        )
+        OP.election_task = asyncio.create_task(elector.run())
     OP.resync_task = asyncio.create_task(_resync())
     metrics.start_server()
+
+
+def _became_leader() -> None:
+    OP.leader = True
+    metrics.LEADER.set(1)
+    assert OP.queue is not None
+    for key in OP.cache.keys(api.KIND):
+        OP.queue.add(key)
+
+
+def _lost_leadership() -> None:
+    OP.leader = False
+    metrics.LEADER.set(0)
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if OP.resync_task is not None:
         OP.resync_task.cancel()
+    if OP.election_task is not None:
+        OP.election_task.cancel()
     if OP.queue is not None:
         await OP.queue.stop()
     if OP.kube is not None:

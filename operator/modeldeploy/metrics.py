@@ -17,6 +17,8 @@ PHASE = Gauge(
 )
 WEIGHT = Gauge("modeldeploy_canary_weight", "Percent of traffic on the candidate", ["namespace", "name"])
 ANALYSIS = Gauge("modeldeploy_analysis_value", "Last analysis values", ["namespace", "name", "metric"])
+LEADER = Gauge("modeldeploy_leader", "1 while this process holds the leader lease (or runs without election)")
+LEADER.set(1)
 ROLLBACKS = Counter(
     "modeldeploy_rollbacks_total", "Automatic rollbacks and aborts", ["namespace", "name", "reason"]
 )
