@@ -537,3 +537,50 @@ def endpoints(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, str]:
     if spec.service.ports.metrics:
         out["metrics"] = f"http://{host}:{METRICS_PORT}/metrics"
     return out
+
+
+# --------------------------------------------------------------------------- Gateway API
+
+ROUTE_CRDS = {
+    "HTTPRoute": "httproutes.gateway.networking.k8s.io",
+    "GRPCRoute": "grpcroutes.gateway.networking.k8s.io",
+}
+
+
+def build_routes(owner: Owner, spec: api.ModelDeploymentSpec, *, weight: int) -> list[dict[str, Any]]:
+    """Exact traffic weights (Gateway API) when ``spec.rollout.gateway`` asks for them:
+    ``NAME-stable`` gets ``100 - weight``, ``NAME-canary`` gets ``weight``."""
+    gw = spec.rollout.gateway
+    if gw is None or spec.rollout.strategy != api.Strategy.canary:
+        return []
+    names = service_names(owner, spec.rollout.strategy)
+    weight = max(0, min(100, weight))
+
+    def backends(port: int) -> list[dict[str, Any]]:
+        return [
+            {"name": names["stable"], "port": port, "weight": 100 - weight},
+            {"name": names["canary"], "port": port, "weight": weight},
+        ]
+
+    route_spec: dict[str, Any] = {"parentRefs": gw.parent_refs}
+    if gw.hostnames:
+        route_spec["hostnames"] = list(gw.hostnames)
+    labels = common_labels(owner, spec, "route")
+    routes = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": _meta(owner, owner.name, labels),
+            "spec": {**route_spec, "rules": [{"backendRefs": backends(HTTP_PORT)}]},
+        }
+    ]
+    if gw.grpc:
+        routes.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "GRPCRoute",
+                "metadata": _meta(owner, f"{owner.name}-grpc", labels),
+                "spec": {**route_spec, "rules": [{"backendRefs": backends(GRPC_PORT)}]},
+            }
+        )
+    return routes

@@ -621,3 +621,16 @@ def test_canary_deployment_selector_carries_the_revision() -> None:
         builders.LABEL_NAME: "resnet50",
         builders.LABEL_REVISION: REV,
     }
+
+
+def test_routes_split_exact_weights_between_stable_and_canary_services() -> None:
+    spec = spec_of(rollout={"gateway": {"parentRefs": [{"name": "gw"}], "grpc": True}})
+    http, grpc = builders.build_routes(OWNER, spec, weight=30)
+    assert http["kind"] == "HTTPRoute" and grpc["kind"] == "GRPCRoute"
+    assert http["spec"]["rules"][0]["backendRefs"] == [
+        {"name": "resnet50-stable", "port": 8000, "weight": 70},
+        {"name": "resnet50-canary", "port": 8000, "weight": 30},
+    ]
+    assert [b["port"] for b in grpc["spec"]["rules"][0]["backendRefs"]] == [8001, 8001]
+    assert http["metadata"]["ownerReferences"][0]["controller"] is True
+    assert builders.build_routes(OWNER, spec_of(), weight=30) == []
