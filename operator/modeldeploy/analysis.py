@@ -616,6 +616,7 @@ class _Window:
     start_stable: Snapshot | None
     inconclusive: int
     last: api.AnalysisResult
+    attempt: str | None = None  # RolloutState.startedAt: the rollout this window belongs to
 
 
 class TritonAnalysis:
@@ -763,6 +764,8 @@ class TritonAnalysis:
         interval = api.parse_duration(analysis.interval)
         now = self.clock()
         win = self._windows.get(key)
+        if win is not None and win.attempt != state.started_at:
+            win = None  # an earlier rollout of this candidate (retried after a rollback): measure afresh
         if win is not None and (win.last.verdict == FAIL or now - win.started < interval):
             return win.last
 
@@ -775,6 +778,7 @@ class TritonAnalysis:
                 count + 1,
                 analysis,
                 "no metrics source: set analysis.prometheusUrl or analysis.scrape: true",
+                state.started_at,
             )
         cand_t = self.target(md, spec, candidate, fallback_version=spec.model.version)
         stable_t: Target | None = self.target(md, spec, stable)
@@ -783,11 +787,11 @@ class TritonAnalysis:
         try:
             end_c, end_s = await self._snapshots(source, cand_t, stable_t)
         except MetricsUnavailable as exc:
-            return self._store(key, now, count + 1, analysis, f"metrics unavailable: {exc}")
+            return self._store(key, now, count + 1, analysis, f"metrics unavailable: {exc}", state.started_at)
 
         if win is None or win.start_cand is None:
             res = self._result(PENDING, f"window started: collecting {analysis.interval} of metrics", count)
-            self._windows[key] = _Window(now, end_c, end_s, count, res)
+            self._windows[key] = _Window(now, end_c, end_s, count, res, state.started_at)
             return res
 
         cand_stats = window(win.start_cand, end_c)
@@ -822,11 +826,17 @@ class TritonAnalysis:
             count = 0
             res = res.model_copy(update={"inconclusive_count": 0})
         # the next window starts where this one ended
-        self._windows[key] = _Window(now, end_c, end_s, count, res)
+        self._windows[key] = _Window(now, end_c, end_s, count, res, state.started_at)
         return res
 
     def _store(
-        self, key: tuple[str, str, str, int], now: float, count: int, analysis: api.AnalysisSpec, reason: str
+        self,
+        key: tuple[str, str, str, int],
+        now: float,
+        count: int,
+        analysis: api.AnalysisSpec,
+        reason: str,
+        attempt: str | None = None,
     ) -> api.AnalysisResult:
         """An attempt that could not measure counts as an inconclusive window; the next attempt
         starts a fresh window one interval later."""
@@ -839,7 +849,7 @@ class TritonAnalysis:
             )
         else:
             res = self._result(INCONCLUSIVE, reason, count)
-        self._windows[key] = _Window(now, None, None, count, res)
+        self._windows[key] = _Window(now, None, None, count, res, attempt)
         return res
 
 

@@ -51,6 +51,7 @@ class Operator:
         self.resync_seconds = float(os.environ.get("MODELDEPLOY_RESYNC_SECONDS", "60"))
         self.leader = True  # without leader election this process always acts
         self.election_task: asyncio.Task[None] | None = None
+        self.analysis: TritonAnalysis | None = None
 
 
 OP = Operator()
@@ -133,7 +134,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
-    analysis = TritonAnalysis(
+    OP.analysis = analysis = TritonAnalysis(
         pods_for=_pod_ips, default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None
     )
     OP.reconciler = Reconciler(
@@ -197,6 +198,8 @@ async def modeldeployment_event(
     if event.get("type") == "DELETED":
         OP.cache.delete(api.KIND, namespace, name)
         metrics.forget(namespace, name)
+        if OP.analysis is not None:
+            OP.analysis.forget(namespace, name)
         return
     obj = dict(body)
     obj.setdefault("kind", api.KIND)
