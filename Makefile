@@ -11,7 +11,7 @@ export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
 CLUSTER_DIR ?= .cluster
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries cluster-up cluster-down demo test test-unit lint typecheck crds check-crds bench clean
+.PHONY: help venv binaries cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -52,8 +52,18 @@ typecheck: venv ## mypy --strict on the package
 bench: venv binaries ## print speed figures (create latency, burst, steady-state writes, RSS, rollback reaction)
 	$(PY) hack/bench.py $(BENCH_ARGS)
 
-crds: venv ## regenerate crds/ from the typed spec model
+crds: venv ## regenerate crds/ from the typed spec model (and the chart's copy)
 	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
+	cp crds/modeldeploy.io_modeldeployments.yaml charts/modeldeploy-operator/crds/
+
+chart-crds: ## copy the generated CRD into the chart (a unit test fails on drift)
+	cp crds/*.yaml charts/modeldeploy-operator/crds/
+
+chart-check: binaries ## helm lint --strict + template for every values layout; CRD copy in sync
+	hack/chart-check.sh
+
+image: ## build the operator image (needs a Docker engine)
+	docker build -t ghcr.io/modeldeploy/operator:$$($(PY) -c 'import modeldeploy;print(modeldeploy.__version__)') .
 
 clean: cluster-down ## remove local state (not the binary cache)
 	rm -rf $(CLUSTER_DIR) .pytest_cache .mypy_cache .ruff_cache

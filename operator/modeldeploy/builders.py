@@ -15,6 +15,7 @@ from . import api, tritonconfig
 MANAGER = "modeldeploy-operator"
 LABEL_NAME = "modeldeploy.io/name"
 LABEL_REVISION = "modeldeploy.io/revision"
+PROM_LABEL_NAME = "modeldeploy_io_name"  # LABEL_NAME as Prometheus relabels pod labels
 ANNOTATION_REVISION_NUMBER = "modeldeploy.io/revision-number"
 COMPONENT_SERVER = "triton-server"
 
@@ -482,7 +483,7 @@ def build_hpa(
                 "external": {
                     "metric": {
                         "name": "nv_gpu_utilization",
-                        "selector": {"matchLabels": {LABEL_NAME: owner.name}},
+                        "selector": {"matchLabels": {PROM_LABEL_NAME: owner.name}},
                     },
                     # Triton exports utilisation as 0.0-1.0 per GPU; averaged per pod.
                     "target": {"type": "AverageValue", "averageValue": f"{auto.gpu_utilization * 10}m"},

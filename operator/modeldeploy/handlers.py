@@ -133,6 +133,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
+    if os.environ.get("MODELDEPLOY_DISABLE_CLUSTER_SCANNING", "").lower() in ("1", "true", "yes"):
+        settings.scanning.disabled = True  # namespaced RBAC: no namespace listing, no CRD watch
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
     OP.analysis = analysis = TritonAnalysis(
         pods_for=_pod_ips, default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None

@@ -529,7 +529,7 @@ def test_hpa_gpu_metric_is_external_and_scoped_to_the_model() -> None:
     (metric,) = hpa_metrics(gpuUtilization=80)
     assert metric["type"] == "External"
     assert metric["external"]["metric"]["name"] == "nv_gpu_utilization"
-    assert metric["external"]["metric"]["selector"] == {"matchLabels": {builders.LABEL_NAME: "resnet50"}}
+    assert metric["external"]["metric"]["selector"] == {"matchLabels": {builders.PROM_LABEL_NAME: "resnet50"}}
 
 
 def test_hpa_gpu_target_is_in_tritons_unit() -> None:
