@@ -55,6 +55,7 @@ bench: venv binaries ## print speed figures (create latency, burst, steady-state
 crds: venv ## regenerate crds/ from the typed spec model (and the chart's copy)
 	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
 	cp crds/modeldeploy.io_modeldeployments.yaml charts/modeldeploy-operator/crds/
+	$(PY) -m modeldeploy api-docs > docs/api-reference.md
 
 chart-crds: ## copy the generated CRD into the chart (a unit test fails on drift)
 	cp crds/*.yaml charts/modeldeploy-operator/crds/

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=_cmd_render)
     c = sub.add_parser("crd", help="print the CRD generated from the typed API")
     c.set_defaults(fn=lambda _a: sys.stdout.write(crdgen.render_crd_yaml()) and 0)
+    d = sub.add_parser("api-docs", help="print the API reference (markdown) generated from the CRD schema")
+    d.set_defaults(fn=lambda _a: sys.stdout.write(crdgen.render_api_reference()) and 0)
     s = sub.add_parser("stage", help="init container: fetch a model repository into a directory")
     from . import staging
 

@@ -234,3 +234,10 @@ def test_enums_come_from_the_api(schema: dict[str, Any]) -> None:
     assert set(spec["model"]["properties"]["format"]["enum"]) == {f.value for f in api.ModelFormat}
     assert set(spec["rollout"]["properties"]["strategy"]["enum"]) == {s.value for s in api.Strategy}
     assert set(spec["model"]["required"]) == {"format", "storageUri", "version"}
+
+
+def test_api_reference_matches_the_schema() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "api-reference.md"
+    assert docs.read_text() == crdgen.render_api_reference(), (
+        "docs/api-reference.md is stale: run `make crds`"
+    )
