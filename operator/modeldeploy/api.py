@@ -51,6 +51,16 @@ def parse_duration(value: str) -> float:
     return sum(float(n) * scale[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h)", value))
 
 
+def _with_rules(*rules: JsonDict) -> ConfigDict:
+    """The common model settings plus CEL rules (``x-kubernetes-validations``) for the CRD."""
+    return ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        json_schema_extra={"x-kubernetes-validations": list(rules)},
+    )
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, alias_generator=to_camel, use_attribute_docstrings=False
@@ -118,18 +128,11 @@ class DynamicBatching(_Model):
 class InstanceGroup(_Model):
     """Where and how many copies of the model run in each Triton server."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.gpus) || (has(self.kind) && self.kind == 'KIND_GPU')",
-                    "instanceGroups[].gpus applies only to kind KIND_GPU",
-                )
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "!has(self.gpus) || (has(self.kind) && self.kind == 'KIND_GPU')",
+            "instanceGroups[].gpus applies only to kind KIND_GPU",
+        )
     )
 
     kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = Field(
@@ -204,44 +207,37 @@ class ModelConfig(_Model):
 class ModelSpec(_Model):
     """The model to serve."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.format != 'ensemble' || (has(self.config) && has(self.config.ensembleSteps))",
-                    "model.config.ensembleSteps is required when model.format is ensemble",
-                ),
-                cel(
-                    "!has(self.config) || !has(self.config.dynamicBatching) || (has(self.config.maxBatchSize) && self.config.maxBatchSize > 0)",
-                    "model.config.dynamicBatching needs model.config.maxBatchSize > 0",
-                ),
-                cel(
-                    "!has(self.config) || !has(self.config.dynamicBatching) || self.format != 'ensemble'",
-                    "model.config.dynamicBatching does not apply to an ensemble; remove it",
-                ),
-                cel(
-                    "!has(self.config) || !has(self.config.instanceGroups) || self.format != 'ensemble'",
-                    "model.config.instanceGroups does not apply to an ensemble; remove it",
-                ),
-                cel(
-                    "!has(self.config) || !has(self.config.ensembleSteps) || self.format == 'ensemble'",
-                    "model.config.ensembleSteps applies only to model.format ensemble",
-                ),
-                cel(
-                    "!has(self.config) || !has(self.config.optimization) || !has(self.config.optimization.tensorrt)"
-                    " || self.format in ['onnx', 'tensorflow']",
-                    "model.config.optimization.tensorrt applies only to onnx and tensorflow models",
-                ),
-                cel(
-                    "!has(self.config) || !has(self.config.optimization) || !has(self.config.optimization.cudaGraphs)"
-                    " || !self.config.optimization.cudaGraphs || self.format == 'tensorrt'",
-                    "model.config.optimization.cudaGraphs applies only to tensorrt models",
-                ),
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "self.format != 'ensemble' || (has(self.config) && has(self.config.ensembleSteps))",
+            "model.config.ensembleSteps is required when model.format is ensemble",
+        ),
+        cel(
+            "!has(self.config) || !has(self.config.dynamicBatching) || (has(self.config.maxBatchSize) && self.config.maxBatchSize > 0)",
+            "model.config.dynamicBatching needs model.config.maxBatchSize > 0",
+        ),
+        cel(
+            "!has(self.config) || !has(self.config.dynamicBatching) || self.format != 'ensemble'",
+            "model.config.dynamicBatching does not apply to an ensemble; remove it",
+        ),
+        cel(
+            "!has(self.config) || !has(self.config.instanceGroups) || self.format != 'ensemble'",
+            "model.config.instanceGroups does not apply to an ensemble; remove it",
+        ),
+        cel(
+            "!has(self.config) || !has(self.config.ensembleSteps) || self.format == 'ensemble'",
+            "model.config.ensembleSteps applies only to model.format ensemble",
+        ),
+        cel(
+            "!has(self.config) || !has(self.config.optimization) || !has(self.config.optimization.tensorrt)"
+            " || self.format in ['onnx', 'tensorflow']",
+            "model.config.optimization.tensorrt applies only to onnx and tensorflow models",
+        ),
+        cel(
+            "!has(self.config) || !has(self.config.optimization) || !has(self.config.optimization.cudaGraphs)"
+            " || !self.config.optimization.cudaGraphs || self.format == 'tensorrt'",
+            "model.config.optimization.cudaGraphs applies only to tensorrt models",
+        ),
     )
 
     name: str | None = Field(
@@ -413,25 +409,18 @@ class ServerSpec(_Model):
 class AutoscalingSpec(_Model):
     """Horizontal autoscaling of the stable revision. Mutually exclusive with spec.replicas."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
-                    "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
-                    ".minReplicas",
-                ),
-                cel(
-                    "has(self.targetCPUUtilization) || has(self.queueTimeMicroseconds) || "
-                    "has(self.pendingRequests) || has(self.gpuUtilization)",
-                    "autoscaling needs at least one target: targetCPUUtilization, queueTimeMicroseconds, "
-                    "pendingRequests or gpuUtilization",
-                ),
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+            "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
+            ".minReplicas",
+        ),
+        cel(
+            "has(self.targetCPUUtilization) || has(self.queueTimeMicroseconds) || "
+            "has(self.pendingRequests) || has(self.gpuUtilization)",
+            "autoscaling needs at least one target: targetCPUUtilization, queueTimeMicroseconds, "
+            "pendingRequests or gpuUtilization",
+        ),
     )
 
     min_replicas: int = Field(default=1, ge=1, le=10_000, description="Lower bound of replicas.")
@@ -488,18 +477,11 @@ class AutoscalingSpec(_Model):
 class PDBSpec(_Model):
     """Optional PodDisruptionBudget for the serving pods."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!(has(self.minAvailable) && has(self.maxUnavailable))",
-                    "set only one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable",
-                )
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "!(has(self.minAvailable) && has(self.maxUnavailable))",
+            "set only one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable",
+        )
     )
 
     enabled: bool = Field(default=True, description="Create the PodDisruptionBudget.")
@@ -560,18 +542,11 @@ class Thresholds(_Model):
 class AnalysisSpec(_Model):
     """Metric analysis gating each canary step."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!(has(self.prometheusUrl) && has(self.scrape) && self.scrape)",
-                    "set analysis.prometheusUrl or analysis.scrape: true, not both",
-                )
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "!(has(self.prometheusUrl) && has(self.scrape) && self.scrape)",
+            "set analysis.prometheusUrl or analysis.scrape: true, not both",
+        )
     )
 
     prometheus_url: str | None = Field(
@@ -625,29 +600,22 @@ class GatewaySpec(_Model):
 class RolloutSpec(_Model):
     """How a new revision replaces the stable one."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.steps) || size(self.steps) < 2 || self.steps.map(s, s.weight).isSorted()",
-                    "rollout.steps weights must rise from step to step",
-                    ".steps",
-                ),
-                cel(
-                    "!has(self.steps) || self.steps.all(s, self.steps.filter(t, t.weight == s.weight).size() == 1)",
-                    "rollout.steps weights must be distinct and rising",
-                    ".steps",
-                ),
-                cel(
-                    "!has(self.steps) || !has(self.strategy) || self.strategy == 'Canary'",
-                    "rollout.steps apply only to strategy Canary",
-                    ".steps",
-                ),
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "!has(self.steps) || size(self.steps) < 2 || self.steps.map(s, s.weight).isSorted()",
+            "rollout.steps weights must rise from step to step",
+            ".steps",
+        ),
+        cel(
+            "!has(self.steps) || self.steps.all(s, self.steps.filter(t, t.weight == s.weight).size() == 1)",
+            "rollout.steps weights must be distinct and rising",
+            ".steps",
+        ),
+        cel(
+            "!has(self.steps) || !has(self.strategy) || self.strategy == 'Canary'",
+            "rollout.steps apply only to strategy Canary",
+            ".steps",
+        ),
     )
 
     strategy: Strategy = Field(default=Strategy.canary, description="Canary (default), BlueGreen or Rolling.")
@@ -718,18 +686,11 @@ class MonitoringSpec(_Model):
 class ModelDeploymentSpec(_Model):
     """Desired state of a ModelDeployment: one model served by Triton, rolled out progressively."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!(has(self.replicas) && has(self.autoscaling))",
-                    "set spec.replicas or spec.autoscaling, not both (with autoscaling the HPA owns replicas)",
-                ),
-            ]
-        },
+    model_config = _with_rules(
+        cel(
+            "!(has(self.replicas) && has(self.autoscaling))",
+            "set spec.replicas or spec.autoscaling, not both (with autoscaling the HPA owns replicas)",
+        ),
     )
 
     model: ModelSpec = Field(description="The model to serve.")
