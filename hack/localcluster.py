@@ -49,7 +49,6 @@ import argparse
 import atexit
 import base64
 import contextlib
-import ctypes
 import datetime
 import http.client
 import ipaddress
@@ -57,7 +56,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -75,6 +73,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HACK_DIR = Path(__file__).resolve().parent
+if str(HACK_DIR) not in sys.path:  # loaded from its file path under another name
+    sys.path.append(str(HACK_DIR))
+
+from procutil import cache_dir, popen_logged  # noqa: E402
+
+# re-exported: public helpers of this module (tests call localcluster.free_ports)
+from procutil import free_ports as free_ports  # noqa: E402
+
 VERSIONS_FILE = HACK_DIR / "versions.env"
 STAGES_FILE = HACK_DIR / "kwok" / "stages.yaml"
 
@@ -281,8 +287,8 @@ def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
 
 
 def default_cache() -> Path:
-    env = os.environ.get("MODELDEPLOY_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "modeldeploy"
+    """``$MODELDEPLOY_CACHE`` (``~`` expanded), default ``~/.cache/modeldeploy``."""
+    return cache_dir()
 
 
 @dataclass(frozen=True)
@@ -597,15 +603,6 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
-
-
-def _die_with_parent() -> None:  # runs in the forked child before exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class ManagedProcess:
     """One component process, in its own process group (pgid == pid)."""
@@ -618,29 +615,15 @@ class ManagedProcess:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def spawn(self, cwd: Path, env: Mapping[str, str], die_with_parent: bool) -> None:
-        global _libc
-        preexec: Callable[[], None] | None = None
-        if die_with_parent and threading.current_thread() is threading.main_thread():
-            if _libc is None:
-                with contextlib.suppress(OSError):
-                    _libc = ctypes.CDLL(None, use_errno=True)
-            preexec = _die_with_parent
+        # PR_SET_PDEATHSIG fires when the forking *thread* exits: only from the main thread
+        die_with_parent = die_with_parent and threading.current_thread() is threading.main_thread()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as logf:
             logf.write(
                 f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.argv)}\n".encode()
             )
             logf.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=dict(env),
-                start_new_session=True,
-                preexec_fn=preexec,
-            )
+            self.popen = popen_logged(self.argv, logf, cwd=cwd, env=env, die_with_parent=die_with_parent)
         self.pid = self.popen.pid
         self.starttime = _proc_starttime(self.pid) or 0
 
@@ -716,20 +699,6 @@ class ManagedProcess:
             pid=int(data["pid"]),
             starttime=int(data["starttime"]),
         )
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all bound at once, then released)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _http(

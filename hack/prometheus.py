@@ -26,28 +26,31 @@ Dependencies: the standard library only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self, TypeVar
+from typing import IO, Any
+
+_HACK_DIR = str(Path(__file__).resolve().parent)
+if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests)
+    sys.path.append(_HACK_DIR)
+
+from procutil import ServerProcess, interrupt_on_signals, start_with_port_retries  # noqa: E402
+
+# re-exported: public helpers of this module
+from procutil import free_port as free_port  # noqa: E402
+from procutil import http_get as http_get  # noqa: E402
+from procutil import poll as poll  # noqa: E402
 
 DEFAULT_BINARY = "/usr/bin/prometheus"
 DEBIAN_PACKAGE = "prometheus"
 DEFAULT_READY_TIMEOUT = 60.0
-T = TypeVar("T")
 
 
 class PrometheusUnavailable(RuntimeError):
@@ -115,48 +118,6 @@ def version(binary: Path) -> str:
     return first[0].strip() if first else "unknown"
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """(status, body) of a GET; status 0 when nothing answered."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as err:
-        return int(err.code), bytes(err.read())
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0, b""
-
-
-def poll(
-    check: Callable[[], T | None],
-    *,
-    timeout: float,
-    interval: float = 0.1,
-    what: str = "condition",
-    abort: Callable[[], str | None] | None = None,
-) -> T:
-    """Call ``check`` until it returns something other than None, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if abort is not None and (reason := abort()) is not None:
-            raise RuntimeError(reason)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(min(interval, remaining))
-
-
 # --------------------------------------------------------------------------- config
 
 
@@ -194,8 +155,11 @@ def render_config(targets: Sequence[ScrapeTarget], *, scrape_interval: str = "1s
 
 
 @dataclass
-class Prometheus:
+class Prometheus(ServerProcess):
     """One prometheus process on 127.0.0.1, logging to ``workdir/prometheus.log``."""
+
+    label = "prometheus"
+    tail_lines = 40
 
     binary: Path
     workdir: Path
@@ -224,8 +188,8 @@ class Prometheus:
         config.write_text(json.dumps(render_config(targets, scrape_interval=scrape_interval), indent=2))
         data = workdir / "data"
         data.mkdir(exist_ok=True)
-        attempts = 1 if port is not None else 3
-        for attempt in range(1, attempts + 1):
+
+        def launch() -> Prometheus:
             chosen = port or free_port()
             argv = [
                 str(binary),
@@ -239,30 +203,19 @@ class Prometheus:
             ]
             prom = cls(binary=binary, workdir=workdir, port=chosen, argv=argv)
             prom._spawn()
-            try:
-                prom.wait_ready(ready_timeout)
-                return prom
-            except PrometheusStartError:
-                prom.stop()
-                if attempt < attempts and "address already in use" in prom.log_tail(50):
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            return prom
+
+        return start_with_port_retries(
+            launch,
+            attempts=1 if port is not None else 3,
+            ready_timeout=ready_timeout,
+            error=PrometheusStartError,
+            port_in_use="address already in use",
+            tail_lines=50,
+        )
 
     def _spawn(self) -> None:
-        log_path = self.workdir / "prometheus.log"
-        self._log = log_path.open("ab")
-        self._log.write(f"$ {' '.join(self.argv)}\n".encode())
-        self._log.flush()
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.workdir),
-            start_new_session=True,
-        )
+        self._launch(self.argv, cwd=self.workdir)
 
     @property
     def url(self) -> str:
@@ -272,23 +225,13 @@ class Prometheus:
     def log_path(self) -> Path:
         return self.workdir / "prometheus.log"
 
-    def exited(self) -> str | None:
-        if self.process is None:
-            return "not started"
-        code = self.process.poll()
-        return None if code is None else f"prometheus exited with code {code}"
-
     def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
-        try:
-            poll(
-                lambda: True if http_get(f"{self.url}/-/ready", timeout=2.0)[0] == 200 else None,
-                timeout=timeout,
-                what=f"prometheus {self.url}/-/ready",
-                abort=self.exited,
-            )
-        except (TimeoutError, RuntimeError) as err:
-            raise PrometheusStartError(f"{err}; log {self.log_path}:\n{self.log_tail()}") from None
-        self.ready_seconds = time.monotonic() - self.started_at
+        self._wait_ready(
+            lambda: http_get(f"{self.url}/-/ready", timeout=2.0)[0] == 200,
+            timeout=timeout,
+            what=f"prometheus {self.url}/-/ready",
+            error=PrometheusStartError,
+        )
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}"
@@ -322,39 +265,7 @@ class Prometheus:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (prometheus flushes and exits), SIGKILL to its group after ``timeout``."""
-        proc = self.process
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    code = proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    code = proc.wait(timeout=10)
-            else:
-                code = proc.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        return self._stop(timeout)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -382,22 +293,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     labels = dict(item.split("=", 1) for item in args.label)
     targets = [ScrapeTarget(t, labels) for t in args.target]
 
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    interrupt_on_signals()
     prom = Prometheus.start(
         binary, args.workdir.resolve(), targets, scrape_interval=args.scrape_interval, port=args.port
     )
-    try:
-        print(f"prometheus ready in {prom.ready_seconds:.2f}s at {prom.url}, log {prom.log_path}", flush=True)
-        assert prom.process is not None
-        return prom.process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        prom.stop()
+    return prom.serve(f"prometheus ready in {prom.ready_seconds:.2f}s at {prom.url}, log {prom.log_path}")
 
 
 if __name__ == "__main__":

@@ -33,29 +33,38 @@ moto's virtualenv).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self, TypeVar
+from typing import IO, Any
+
+_HACK_DIR = str(Path(__file__).resolve().parent)
+if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests)
+    sys.path.append(_HACK_DIR)
+
+from procutil import (  # noqa: E402
+    ServerProcess,
+    cache_dir,
+    file_lock,
+    interrupt_on_signals,
+    start_with_port_retries,
+)
+
+# re-exported: public helpers of this module
+from procutil import free_port as free_port  # noqa: E402
+from procutil import http_request as http  # noqa: E402
+from procutil import poll as poll  # noqa: E402
 
 MOTO_VERSION = "5.2.5"
 #: moto's S3 and IAM backends and its server; not ``moto[server]``, which pulls every service's deps.
 REQUIREMENTS = [f"moto[s3,iam]=={MOTO_VERSION}", "flask>=3", "flask-cors>=4"]
 REGION = "us-east-1"
-T = TypeVar("T")
 
 
 class S3ServerUnavailable(RuntimeError):
@@ -67,18 +76,7 @@ class S3ServerStartError(RuntimeError):
 
 
 def cache_root() -> Path:
-    base = os.environ.get("MODELDEPLOY_CACHE") or str(Path.home() / ".cache" / "modeldeploy")
-    return Path(base) / "s3server"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return cache_dir(expand_user=False) / "s3server"
 
 
 def ensure_moto(root: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
@@ -90,7 +88,7 @@ def ensure_moto(root: Path | None = None, *, log: Callable[[str], None] = print)
     stamp = venv / ".stamp"
     want = " ".join(REQUIREMENTS)
     base.mkdir(parents=True, exist_ok=True)
-    with _file_lock(base / ".lock"):
+    with file_lock(base / ".lock"):
         if stamp.is_file() and stamp.read_text().strip() == want and python.exists():
             return python
         shutil.rmtree(venv, ignore_errors=True)
@@ -115,48 +113,6 @@ def ensure_moto(root: Path | None = None, *, log: Callable[[str], None] = print)
     return python
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    # not form-encoded (urllib's default for a body), so the server reads it as raw data
-    headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as err:
-        return int(err.code), bytes(err.read())
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0, b""
-
-
-def poll(
-    check: Callable[[], T | None],
-    *,
-    timeout: float,
-    what: str,
-    abort: Callable[[], str | None] | None = None,
-    interval: float = 0.1,
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if abort is not None and (reason := abort()) is not None:
-            raise RuntimeError(reason)
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 @dataclass(frozen=True)
 class AccessKey:
     access_key: str
@@ -170,8 +126,11 @@ class AccessKey:
 
 
 @dataclass
-class S3Server:
+class S3Server(ServerProcess):
     """moto's server on 127.0.0.1:<port>, logging to ``workdir/moto.log``."""
+
+    label = "moto server"
+    tail_lines = 30
 
     python: Path
     workdir: Path
@@ -184,55 +143,42 @@ class S3Server:
     @classmethod
     def start(cls, python: Path, workdir: Path, *, ready_timeout: float = 60.0) -> S3Server:
         workdir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, 4):
+
+        def launch() -> S3Server:
             server = cls(python=python, workdir=workdir, port=free_port())
             server._spawn()
-            try:
-                server.wait_ready(ready_timeout)
-                return server
-            except S3ServerStartError:
-                server.stop()
-                if attempt < 3 and "Address already in use" in server.log_tail():
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            return server
+
+        return start_with_port_retries(
+            launch,
+            attempts=3,
+            ready_timeout=ready_timeout,
+            error=S3ServerStartError,
+            port_in_use="Address already in use",
+        )
 
     def _spawn(self) -> None:
-        self._log = (self.workdir / "moto.log").open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
         env["PYTHONUNBUFFERED"] = "1"
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            [str(self.python), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.workdir),
-            env=env,
-            start_new_session=True,
-        )
+        argv = [str(self.python), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self._launch(argv, cwd=self.workdir, env=env, header=False)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def exited(self) -> str | None:
-        if self.process is None:
-            return "not started"
-        code = self.process.poll()
-        return None if code is None else f"moto server exited with code {code}"
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "moto.log"
 
     def wait_ready(self, timeout: float) -> None:
-        try:
-            poll(
-                lambda: True if http("GET", f"{self.endpoint}/moto-api/data.json")[0] == 200 else None,
-                timeout=timeout,
-                what=f"moto server {self.endpoint}",
-                abort=self.exited,
-            )
-        except (TimeoutError, RuntimeError) as err:
-            raise S3ServerStartError(f"{err}; log:\n{self.log_tail()}") from None
-        self.ready_seconds = time.monotonic() - self.started_at
+        self._wait_ready(
+            lambda: http("GET", f"{self.endpoint}/moto-api/data.json")[0] == 200,
+            timeout=timeout,
+            what=f"moto server {self.endpoint}",
+            error=S3ServerStartError,
+            name_log=False,
+        )
 
     def setup(
         self, *, bucket: str, upload: Path | None = None, prefix: str = "", user: str = "stager"
@@ -267,33 +213,8 @@ class S3Server:
             raise RuntimeError(f"moto reset-auth answered {status}: {body[:200]!r}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join((self.workdir / "moto.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        """SIGTERM to the process group, SIGKILL after ``timeout``."""
+        self._stop(timeout, term_group=True)
 
 
 # --------------------------------------------------------------------------- setup (runs in moto's venv)
@@ -358,20 +279,9 @@ def _main(argv: list[str] | None = None) -> int:
         print(python)
         return 0
 
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    interrupt_on_signals()
     server = S3Server.start(python, args.workdir.resolve())
-    try:
-        print(f"moto S3 server ready in {server.ready_seconds:.2f}s at {server.endpoint}", flush=True)
-        assert server.process is not None
-        return server.process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
+    return server.serve(f"moto S3 server ready in {server.ready_seconds:.2f}s at {server.endpoint}")
 
 
 if __name__ == "__main__":

@@ -49,37 +49,43 @@ Dependencies: the standard library (and the nvidia-pytriton wheel, located throu
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self, TypeVar
+from typing import IO, Any
+
+_HACK_DIR = str(Path(__file__).resolve().parent)
+if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests/triton/conftest.py)
+    sys.path.append(_HACK_DIR)
+
+from procutil import (  # noqa: E402
+    ServerProcess,
+    cache_dir,
+    file_lock,
+    interrupt_on_signals,
+    start_with_port_retries,
+)
+
+# re-exported: public helpers of this module (tests call launcher.poll)
+from procutil import free_ports as free_ports  # noqa: E402
+from procutil import http_get as http_get  # noqa: E402
+from procutil import poll as poll  # noqa: E402
 
 DIST_NAME = "nvidia-pytriton"
 STUB_NAME = "triton_python_backend_stub"
 DEFAULT_READY_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 30.0
 PORT_RETRIES = 3
-
-T = TypeVar("T")
 
 
 class TritonUnavailable(RuntimeError):
@@ -92,8 +98,7 @@ class TritonStartError(RuntimeError):
 
 def cache_root() -> Path:
     """``$MODELDEPLOY_CACHE/triton`` (default ``~/.cache/modeldeploy/triton``)."""
-    base = os.environ.get("MODELDEPLOY_CACHE") or str(Path.home() / ".cache" / "modeldeploy")
-    return Path(base) / "triton"
+    return cache_dir(expand_user=False) / "triton"
 
 
 # --------------------------------------------------------------------------- the wheel
@@ -236,7 +241,7 @@ def prepare(root: Path | None = None) -> TritonDist:
     base = (root or cache_root()) / wheel.version
     target = base / f"py{pyver}-{interp_id}"
     base.mkdir(parents=True, exist_ok=True)
-    with _file_lock(base / ".lock"):
+    with file_lock(base / ".lock"):
         if not (target / ".stamp").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=base))
             tmp.chmod(0o755)
@@ -266,16 +271,6 @@ def _ignore_pycache(_dir: str, names: list[str]) -> set[str]:
     return {n for n in names if n == "__pycache__"}
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _check_libraries(dist: TritonDist) -> None:
     """Every shared library of the server, the python backend and the stub must resolve."""
     ldd = shutil.which("ldd")
@@ -301,72 +296,12 @@ def _check_libraries(dist: TritonDist) -> None:
 # --------------------------------------------------------------------------- the server
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all bound at once, then released)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """(status, body) of a GET; status 0 when nothing answered."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as err:
-        return int(err.code), bytes(err.read())
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0, b""
-
-
-def poll(
-    check: Callable[[], T | None],
-    *,
-    timeout: float,
-    interval: float = 0.1,
-    what: str = "condition",
-    abort: Callable[[], str | None] | None = None,
-) -> T:
-    """Call ``check`` until it returns something other than None, or raise TimeoutError.
-
-    ``abort`` (optional) returns a reason to stop waiting early (e.g. the process died),
-    raised as RuntimeError.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if abort is not None and (reason := abort()) is not None:
-            raise RuntimeError(reason)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(min(interval, remaining))
-
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - non-glibc
-    _libc = None
-
-
-def _die_with_parent() -> None:  # runs in the forked child before exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
-class TritonServer:
+class TritonServer(ServerProcess):
     """One tritonserver process on 127.0.0.1, in its own process group, logging to ``log_path``."""
+
+    label = "tritonserver"
+    tail_lines = 60
 
     dist: TritonDist
     model_repository: Path
@@ -403,8 +338,8 @@ class TritonServer:
         taken by someone else between picking and binding is retried with new ports.
         Raises :class:`TritonStartError` (with the log tail) when it exits or times out.
         """
-        attempts = 1 if ports is not None else PORT_RETRIES
-        for attempt in range(1, attempts + 1):
+
+        def launch() -> TritonServer:
             http_port, grpc_port, metrics_port = ports or tuple(free_ports(3))
             argv = [
                 str(dist.binary),
@@ -432,34 +367,21 @@ class TritonServer:
                 argv=argv,
             )
             server._spawn(env)
-            if not wait:
-                return server
-            try:
-                server.wait_ready(ready_timeout)
-                return server
-            except TritonStartError:
-                server.stop()
-                if attempt < attempts and "already in use" in server.log_tail(200):
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            return server
+
+        if not wait:
+            return launch()
+        return start_with_port_retries(
+            launch,
+            attempts=1 if ports is not None else PORT_RETRIES,
+            ready_timeout=ready_timeout,
+            error=TritonStartError,
+            port_in_use="already in use",
+            tail_lines=200,
+        )
 
     def _spawn(self, env: Mapping[str, str] | None) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._log.write(f"$ {' '.join(self.argv)}\n".encode())
-        self._log.flush()
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            self.argv,
-            env=self.dist.env(env),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.log_path.parent),
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # only prctl: safe between fork and exec
-        )
+        self._launch(self.argv, cwd=self.log_path.parent, env=self.dist.env(env), die_with_parent=True)
 
     # ---------------------------------------------------------------- endpoints
 
@@ -505,64 +427,18 @@ class TritonServer:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def exited(self) -> str | None:
-        """Why the process is gone (None while it runs)."""
-        if self.process is None:
-            return "not started"
-        code = self.process.poll()
-        return None if code is None else f"tritonserver exited with code {code}"
-
     def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
-        try:
-            poll(
-                lambda: True if self.is_ready() else None,
-                timeout=timeout,
-                interval=0.1,
-                what=f"tritonserver {self.http_url}/v2/health/ready",
-                abort=self.exited,
-            )
-        except (TimeoutError, RuntimeError) as err:
-            raise TritonStartError(f"{err}; log {self.log_path}:\n{self.log_tail()}") from None
-        self.ready_seconds = time.monotonic() - self.started_at
+        self._wait_ready(
+            self.is_ready,
+            timeout=timeout,
+            what=f"tritonserver {self.http_url}/v2/health/ready",
+            error=TritonStartError,
+        )
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> int | None:
         """SIGTERM (Triton unloads models, then exits), SIGKILL to the group after ``timeout``."""
-        proc = self.process
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    code = proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    code = proc.wait(timeout=10)
-            else:
-                code = proc.returncode
-            # python backend stubs live in the server's process group; none may outlive it
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        # python backend stubs live in the server's process group; none may outlive it
+        return self._stop(timeout, reap_group=True)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -589,12 +465,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(dist.describe(), indent=2))
         return 0
 
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    # SIGTERM too: a shell's background job ignores SIGINT
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    interrupt_on_signals()
     server = TritonServer.start(
         dist,
         args.model_repository.resolve(),
