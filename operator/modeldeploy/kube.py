@@ -14,7 +14,9 @@ import base64
 import json
 import logging
 import os
+import re
 import ssl
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -27,6 +29,14 @@ from prometheus_client import Counter
 from .builders import MANAGER
 
 log = logging.getLogger(__name__)
+
+#: The API server accepts JSON nested up to 10000 levels, and pass-through fields (spec.server.affinity,
+#: autoscaling.behavior, ...) carry whatever a user writes. kopf decodes watch events with json.loads, and so
+#: do we: at Python's default recursion limit (1000) one such object raises RecursionError in kopf's watcher,
+#: which stops the whole operator, for every ModelDeployment, at every restart. Allow the API server's depth.
+API_MAX_JSON_DEPTH = 10_000
+if sys.getrecursionlimit() < 3 * API_MAX_JSON_DEPTH:
+    sys.setrecursionlimit(3 * API_MAX_JSON_DEPTH)
 
 WRITES = Counter("modeldeploy_api_writes_total", "Write requests sent to the API server", ["verb", "kind"])
 ERRORS = Counter("modeldeploy_api_errors_total", "API requests that failed", ["verb", "kind", "code"])
@@ -51,11 +61,54 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
 }
 
 
+# Characters that JSON may carry raw (with ensure_ascii=False) but a YAML parser refuses or reads as line
+# breaks; and lone surrogates. BMP code points only: \uXXXX is a valid escape in both JSON and YAML.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+
+
+def yaml_safe_json(body: Any) -> str:
+    """JSON that is also valid YAML, for ``application/apply-patch+yaml`` bodies.
+
+    ``json.dumps`` escapes a character outside the BMP (an emoji in an annotation) as a UTF-16 surrogate
+    pair, ``"\\ud83d\\ude80"``, which YAML refuses ("found invalid Unicode character escape code"): the
+    API server would reject the whole object. So non-ASCII goes out as UTF-8, and only what YAML cannot
+    take raw is escaped, as BMP escapes both understand.
+    """
+    text = json.dumps(body, ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: str, what: str) -> None:
         super().__init__(f"{what}: HTTP {status}: {body[:500]}")
         self.status = status
         self.body = body
+
+    @property
+    def invalid(self) -> bool:
+        """The API server refused the object itself: sending it again cannot succeed.
+
+        Besides 400/422, server-side apply answers some invalid bodies with a 500: a field its schema
+        does not know (garbage passed through ``spec.server.affinity``: "failed to create typed patch
+        object") or a value its Go type cannot hold (``rollout.maxSurge: 2**62``: "failed to convert new
+        object").
+        """
+        return self.status in (400, 422) or (
+            self.status == 500
+            and any(
+                m in self.body
+                for m in ("failed to create typed patch object", "failed to convert new object")
+            )
+        )
+
+    @property
+    def message(self) -> str:
+        """The API server's own message (from its Status body), for status conditions and Events."""
+        try:
+            text = str(json.loads(self.body).get("message") or "")
+        except (ValueError, AttributeError):
+            text = ""
+        return (text or self.body or f"HTTP {self.status}")[:512]
 
 
 def path_for(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -151,7 +204,12 @@ class Kube:
         content_type: str = "application/json",
         ok404: bool = False,
     ) -> Any:
-        data = None if body is None else json.dumps(body)
+        if body is None:
+            data = None
+        elif content_type == "application/apply-patch+yaml":
+            data = yaml_safe_json(body).encode()
+        else:
+            data = json.dumps(body).encode()
         write = method in ("POST", "PUT", "PATCH", "DELETE")
         delay = 0.2
         for attempt in range(8):
@@ -175,6 +233,8 @@ class Kube:
                         await self.close()
                         continue
                     if resp.status in (429, 500, 502, 503, 504) and attempt < 7:
+                        if ApiError(resp.status, text, "").invalid:
+                            raise ApiError(resp.status, text, f"{method} {path}")
                         retry_after = resp.headers.get("Retry-After")
                         await asyncio.sleep(float(retry_after) if retry_after else delay)
                         delay = min(delay * 2, 5.0)

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
@@ -36,7 +36,17 @@ ABORT_ANNOTATION = "modeldeploy.io/abort"
 #: Field manager that keeps a Deployment's replicas while their ownership passes from us to the HPA.
 HANDOVER_MANAGER = "modeldeploy-hpa-handover"
 CHILD_KINDS = ("Deployment", "Pod", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget")
-APPLY_ORDER = ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+APPLY_ORDER = (
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "HTTPRoute",
+    "GRPCRoute",
+)
+#: A child the API server refused is sent again when it changes, or after this long (admission can change).
+REJECTED_RETRY_SECONDS = 300.0
 
 
 # --------------------------------------------------------------------------- cache
@@ -266,6 +276,8 @@ class Reconciler:
         self.clock = clock
         self._seen: dict[tuple[str, str, str], tuple[float, bool]] = {}
         self._primed: set[str] = set()
+        # Children the API server refused, per ModelDeployment: (kind, name) -> (applied hash, message, when).
+        self._rejected: dict[tuple[str, str], dict[tuple[str, str], tuple[str, str, float]]] = {}
 
     async def _exists(self, kind: str, namespace: str, name: str) -> bool:
         """Existence of a referenced object (a read, cached for 10 s; values are never kept)."""
@@ -291,6 +303,7 @@ class Reconciler:
     async def reconcile(self, namespace: str, name: str) -> Outcome:
         md = self.cache.get(api.KIND, namespace, name)
         if md is None or md["metadata"].get("deletionTimestamp"):
+            self._rejected.pop((namespace, name), None)
             return Outcome()
         if namespace not in self._primed:
             await self._prime(namespace)
@@ -341,9 +354,19 @@ class Reconciler:
                     f"(known: {known}); pick one of those or remove spec.rollbackTo",
                     now_s,
                 )
-            target_spec = revision.with_pod_shaping(spec, rec.spec)
+            try:
+                target_spec = revision.with_pod_shaping(spec, rec.spec)
+            except (ValueError, RecursionError) as exc:
+                return await self._report_spec_error(
+                    md, new_status, conditions, "InvalidSpec", _interpretation_error(exc), now_s
+                )
             fast_track = True
-        target_hash = revision.revision_hash(target_spec)
+        try:
+            target_hash = revision.revision_hash(target_spec)
+        except (ValueError, RecursionError) as exc:  # e.g. a pass-through field nested too deep to serialise
+            return await self._report_spec_error(
+                md, new_status, conditions, "InvalidSpec", _interpretation_error(exc), now_s
+            )
         target_rec = revision.find(history, hash=target_hash)
         if target_rec is None:
             # Preflight before a new revision exists: what is valid but cannot work is reported,
@@ -353,12 +376,18 @@ class Reconciler:
                 return await self._report_spec_error(
                     md, new_status, conditions, problem[0], problem[1], now_s
                 )
+            try:
+                config_hash = _config_hash(owner, target_spec)
+            except (ValueError, RecursionError) as exc:  # ConfigRenderError: Triton cannot load it
+                return await self._report_spec_error(
+                    md, new_status, conditions, "InvalidModelConfig", _interpretation_error(exc), now_s
+                )
             target_rec = api.RevisionRecord(
                 revision=revision.next_number(history),
                 hash=target_hash,
                 model_version=target_spec.model.version,
                 image=target_spec.server.image,
-                config_hash=_config_hash(owner, target_spec),
+                config_hash=config_hash,
                 created=now_s,
                 outcome="Pending",
                 spec=revision.pod_shaping(target_spec),
@@ -377,6 +406,8 @@ class Reconciler:
         deployments = {d["metadata"]["name"]: d for d in self.cache.owned("Deployment", ns, name)}
         pods = self.cache.owned("Pod", ns, name)
 
+        refused = self._rejected.get((ns, name), {})
+
         def obs_for(number: int) -> rollout.RevisionObservation:
             rec = by_number.get(number)
             if rec is None:
@@ -387,7 +418,16 @@ class Reconciler:
                 for p in pods
                 if (p["metadata"].get("labels") or {}).get(builders.LABEL_REVISION) == rec.hash
             ]
-            return observe_revision(dep, rev_pods)
+            seen = observe_revision(dep, rev_pods)
+            # A revision whose Deployment or ConfigMap the API server refuses can never become ready:
+            # that is its failure (a candidate is rolled back, a first revision Failed), not a retry loop.
+            for key in (
+                ("Deployment", builders.deployment_name(owner, rec.hash, strategy)),
+                ("ConfigMap", builders.config_map_name(owner, rec.hash)),
+            ):
+                if key in refused:
+                    return replace(seen, failure=f"RejectedByAPIServer: {key[0]} {key[1]}: {refused[key][1]}")
+            return seen
 
         live_numbers = {
             n
@@ -496,6 +536,24 @@ class Reconciler:
             history,
             annotations,
         )
+        if refused:
+            detail = "; ".join(f"{k} {n}: {m}" for (k, n), (_, m, _) in sorted(refused.items()))
+            # Set on top of what _fill_status derived, so keep the transition time it had (no flapping).
+            was = next((c for c in old_status.conditions or [] if c.type == status.DEGRADED), None)
+            new_status.conditions = status.set_condition(
+                new_status.conditions or [],
+                status.DEGRADED,
+                True,
+                "ChildRejected",
+                f"the API server refused {detail}"[:2048],
+                now=was.last_transition_time if was is not None and was.status == "True" else now_s,
+                generation=generation,
+            )
+            if new_status.phase == "Ready":
+                new_status.phase = "Degraded"
+                new_status.message = (
+                    f"serving revision {new_state.stable_revision}; the API server refused {detail}"[:2048]
+                )
         if new_status != old_status:
             changed = [
                 k for k in type(new_status).model_fields if getattr(new_status, k) != getattr(old_status, k)
@@ -509,8 +567,20 @@ class Reconciler:
             await self.post_event(md, *ev)
 
         # 8. Children derived from the persisted state.
-        await self._apply_children(owner, spec, new_state, by_number, total)
-        return Outcome(requeue_after=tr.requeue_after, events=events)
+        rejected = await self._apply_children(owner, spec, new_state, by_number, total, refused)
+        requeue = tr.requeue_after
+        if rejected != refused:
+            if rejected:
+                self._rejected[(ns, name)] = rejected
+            else:
+                self._rejected.pop((ns, name), None)
+            for key, (_, message, _) in sorted(rejected.items()):
+                if key not in refused:
+                    ev = ("Warning", "ChildRejected", f"the API server refused {key[0]} {key[1]}: {message}")
+                    events.append(ev)
+                    await self.post_event(md, *ev)
+            requeue = 0.5  # once more, so that status (and the rollout) reflect what was refused
+        return Outcome(requeue_after=requeue, events=events)
 
     async def _hand_over_replicas(self, live: dict[str, Any]) -> None:
         """A Deployment whose replicas we wrote becomes the HPA's (a promoted candidate, or the first
@@ -715,7 +785,11 @@ class Reconciler:
         state: api.RolloutState,
         by_number: dict[int, api.RevisionRecord],
         total: int,
-    ) -> None:
+        refused: dict[tuple[str, str], tuple[str, str, float]] | None = None,
+    ) -> dict[tuple[str, str], tuple[str, str, float]]:
+        """Apply what differs; returns the children the API server refused (see ``ApiError.invalid``)."""
+        refused = refused or {}
+        rejected: dict[tuple[str, str], tuple[str, str, float]] = {}
         strategy = spec.rollout.strategy
         hpa_on = spec.autoscaling is not None
         plan = rollout.replicas_for(state, strategy, total)
@@ -770,6 +844,12 @@ class Reconciler:
         pdb = builders.build_pdb(owner, spec)
         if pdb is not None:
             desired.append(pdb)
+        if spec.rollout.gateway is not None:
+            # Exact weights on Gateway API routes, where their CRDs are installed (else: replica ratio).
+            in_rollout = state.state in (rollout.PROGRESSING, rollout.PAUSED, rollout.PROMOTING)
+            for route in builders.build_routes(owner, spec, weight=state.weight if in_rollout else 0):
+                if await self._exists("CustomResourceDefinition", "", builders.ROUTE_CRDS[route["kind"]]):
+                    desired.append(route)
 
         desired.sort(key=lambda o: APPLY_ORDER.index(o["kind"]))
         wanted: set[tuple[str, str]] = set()
@@ -777,6 +857,15 @@ class Reconciler:
             obj = with_applied_hash(obj)
             key = (obj["kind"], obj["metadata"]["name"])
             wanted.add(key)
+            intent = obj["metadata"]["annotations"][APPLIED_ANNOTATION]
+            before = refused.get(key)
+            if (
+                before is not None
+                and before[0] == intent
+                and time.monotonic() - before[2] < REJECTED_RETRY_SECONDS
+            ):
+                rejected[key] = before  # refused as it is: sent again only once it changes (or after a while)
+                continue
             live = self.cache.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
             if live is None:
                 # A cache miss (e.g. right after a restart, before the watch listed it): confirm by a read.
@@ -792,10 +881,25 @@ class Reconciler:
                     and _owns_replicas(live)
                 ):
                     await self._hand_over_replicas(live)
-                result = await self.kube.apply(obj)
+                try:
+                    result = await self.kube.apply(obj)
+                except ApiError as exc:
+                    if exc.status == 403 and "being terminated" in exc.body:
+                        return rejected  # the namespace is going away, and everything in it
+                    if not exc.invalid:
+                        raise
+                    log.warning(
+                        "%s/%s: the API server refused %s %s: %s",
+                        owner.namespace,
+                        owner.name,
+                        *key,
+                        exc.message,
+                    )
+                    rejected[key] = (intent, exc.message, time.monotonic())
+                    continue
                 self.cache.put(result)
         # Children we own that are no longer wanted (superseded revisions, disabled HPA/PDB).
-        for kind in ("Deployment", "ConfigMap", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        for kind in APPLY_ORDER:
             for live in self.cache.owned(kind, owner.namespace, owner.name):
                 lmeta = live["metadata"]
                 if (kind, lmeta["name"]) in wanted or lmeta.get("deletionTimestamp"):
@@ -808,6 +912,7 @@ class Reconciler:
                     if exc.status != 409:
                         raise
                 self.cache.delete(kind, owner.namespace, lmeta["name"])
+        return rejected
 
 
 def _owns_replicas(dep: dict[str, Any]) -> bool:
@@ -820,6 +925,17 @@ def _owns_replicas(dep: dict[str, Any]) -> bool:
         ):
             return True
     return False
+
+
+def _interpretation_error(exc: BaseException) -> str:
+    """A status message for a spec the API server accepted but the operator cannot turn into objects."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, RecursionError) or "depth" in text:
+        return (
+            "spec is nested too deeply to be processed: keep the pass-through fields (server.affinity, "
+            "server.topologySpreadConstraints, autoscaling.behavior) to their Kubernetes shape"
+        )
+    return text if text.startswith(("spec.", "model.")) else f"spec cannot be processed: {text}"[:1024]
 
 
 def _dump(st: api.ModelDeploymentStatus) -> dict[str, Any]:

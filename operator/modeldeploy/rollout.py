@@ -312,7 +312,10 @@ def advance(
                 now,
                 auto_rollback=auto_rollback,
             )
-        return Transition(state, requeue_after=max(1.0, progress_deadline - elapsed + 0.5))
+        # Past the deadline without a stable revision (a first revision that never became ready) nothing is
+        # left to time: pod and Deployment events wake the reconcile. Requeueing every second would spin.
+        left = progress_deadline - elapsed
+        return Transition(state, requeue_after=max(1.0, left + 0.5) if left >= 0 else scale_down_wait)
 
     if state.state == PROMOTING:
         # Candidate (pre-)scaled to full size and ready: it becomes stable.
