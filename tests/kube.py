@@ -202,6 +202,20 @@ class Cluster:
         """Run our kubectl against this cluster (text mode; CommandError on failure when ``check``)."""
         return self.run("kubectl", *args, input=input, check=check, timeout=timeout)
 
+    def wait_crd_established(self, name: str, timeout: float = 60) -> None:
+        """Wait for a CRD's Established condition. Right after creation it may have no conditions at
+        all, which `kubectl wait` reports as an error rather than "not yet"."""
+        wait_for(
+            lambda: (
+                self.kubectl(
+                    "wait", "--for=condition=Established", "--timeout=10s", f"crd/{name}", check=False
+                ).returncode
+                == 0
+            ),
+            timeout,
+            message=f"CRD {name} Established",
+        )
+
     def helm(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 180
     ) -> subprocess.CompletedProcess[str]:

@@ -138,9 +138,7 @@ class OperatorProcess:
 
 def install_crd(cluster: Any) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/modeldeployments.modeldeploy.io"
-    )
+    cluster.wait_crd_established("modeldeployments.modeldeploy.io")
     # Discovery can lag Established by a moment: wait until the resource is served.
     wait_for(
         lambda: cluster.kubectl("get", "modeldeployments", "-A", check=False).returncode == 0,

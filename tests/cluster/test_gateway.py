@@ -48,9 +48,7 @@ def gateway_crds(cluster: Cluster) -> None:
         cluster.kubectl(
             "apply", "--server-side", "-f", str(crd_dir / f"gateway.networking.k8s.io_{kind}.yaml")
         )
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", f"crd/{kind}.gateway.networking.k8s.io"
-        )
+        cluster.wait_crd_established(f"{kind}.gateway.networking.k8s.io")
 
 
 def _weights(cluster: Cluster, ns: str, kind: str, name: str) -> dict[str, int] | None:

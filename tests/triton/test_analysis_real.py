@@ -400,7 +400,14 @@ def test_sources_agree_and_prometheus_selects_by_revision_label(
         stack.infer(2, 12)
         stack.sync("prometheus")
         stack.launcher.poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
-        end = asyncio.run(snaps())
+
+        def all_caught_up() -> list[Any] | None:
+            # The revision-labelled Prometheus scrapes on its own schedule: poll until it has the last scrape.
+            snap = asyncio.run(snaps())
+            got = [window(s, e).requests for s, e in zip(start[:3], snap[:3], strict=True)]
+            return snap if len(set(got)) == 1 else None
+
+        end = stack.launcher.poll(all_caught_up, timeout=30, interval=0.5, what="all sources see it")
 
     assert len(end[2].series) == 1  # revision bbb, version 2: one series though the server is scraped twice
     assert len(end[3].series) == len(VERSIONS)  # revision aaa, every version
