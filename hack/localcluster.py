@@ -90,6 +90,8 @@ POD_CIDR = "10.244.0.0/16"
 NODE_IP_DEFAULT = "10.0.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Client-side rate limits of kube-controller-manager and kube-scheduler (defaults 20/30 and 50/100).
+CONTROLLER_THROUGHPUT_FLAGS = ("--kube-api-qps=500", "--kube-api-burst=1000")
 FAKE_NODE_ANNOTATION_VALUE = "fake"
 CONTEXT_NAME = "modeldeploy-local"
 
@@ -1098,7 +1100,7 @@ class LocalControlPlane:
             "--audit-log-format=json",
             "--audit-log-mode=blocking",
             "--audit-log-maxsize=0",
-            "--profiling=false",
+            "--profiling=true",  # TEMP
         ]
 
     def _controller_manager_argv(self) -> list[str]:
@@ -1117,6 +1119,12 @@ class LocalControlPlane:
             f"--service-account-private-key-file={self.pki.sa_key}",
             f"--root-ca-file={self.pki.ca_cert}",
             "--profiling=false",
+            # The client-side rate limit (default 20 QPS) bounds how fast a burst of Deployments
+            # becomes pods: 1000 Deployments need ~4000 controller writes. This control plane serves
+            # one machine's tests, so the controllers may use what the apiserver can take.
+            *CONTROLLER_THROUGHPUT_FLAGS,
+            "--concurrent-deployment-syncs=10",
+            "--concurrent-replicaset-syncs=10",
         ]
 
     def _scheduler_argv(self) -> list[str]:
@@ -1131,6 +1139,7 @@ class LocalControlPlane:
             f"--cert-dir={self.workdir / 'run' / 'scheduler'}",
             "--leader-elect=false",
             "--profiling=false",
+            *CONTROLLER_THROUGHPUT_FLAGS,  # deprecated in favour of --config, still honoured without one
         ]
 
     def _kwok_argv(self) -> list[str]:
