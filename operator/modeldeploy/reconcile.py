@@ -52,8 +52,35 @@ REJECTED_RETRY_SECONDS = 300.0
 # --------------------------------------------------------------------------- cache
 
 
+#: Pod fields the reconcile reads (readiness, crash loops, IPs for direct scraping): the rest of a Pod
+#: (its spec, most of its metadata) is dropped before caching.
+_POD_META = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp", "ownerReferences")
+_POD_STATUS = ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP")
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of an object (like controller-runtime's cache transforms): never other
+    managers' ``managedFields`` (often a third of a body; only our own Apply entry is read, to hand a
+    Deployment's replicas over to an HPA), and of a Pod only the fields the reconcile reads.
+    Returns a new top-level dict; nested values are shared, not copied."""
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") == "Pod":
+        status = obj.get("status") or {}
+        return {
+            "kind": "Pod",
+            "metadata": {k: meta[k] for k in _POD_META if k in meta},
+            "status": {k: status[k] for k in _POD_STATUS if k in status},
+        }
+    managed = meta.get("managedFields")
+    if managed is None:
+        return obj
+    ours = [m for m in managed if m.get("manager") == builders.MANAGER and m.get("operation") == "Apply"]
+    return {**obj, "metadata": {**meta, "managedFields": ours}}
+
+
 class Cache:
-    """Objects seen by the watches, indexed by (kind, namespace, owning ModelDeployment)."""
+    """Objects seen by the watches, indexed by (kind, namespace, owning ModelDeployment).
+    Objects are kept :func:`slim`: everything a reconcile reads, nothing else."""
 
     def __init__(self) -> None:
         self._objs: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -73,6 +100,7 @@ class Cache:
             return  # an older event arriving after our own write's response
         if old is not None:
             self._by_owner.get((key[0], key[1], self._owner(old)), set()).discard(key[2])
+        obj = slim(obj)
         self._objs[key] = obj
         self._by_owner.setdefault((key[0], key[1], self._owner(obj)), set()).add(key[2])
 
@@ -827,9 +855,13 @@ class Reconciler:
                 desired.append(cm)
         serving = stable_rec or cand_rec
         if serving is not None:
+            # A first revision (no stable yet) is served alone: the Services select it exactly as they
+            # will once it is promoted, so promotion rewrites none of them.
             candidate_hash = (
                 cand_rec.hash
-                if cand_rec and state.state not in (rollout.ROLLED_BACK, rollout.ABORTED, rollout.IDLE)
+                if cand_rec
+                and stable_rec is not None
+                and state.state not in (rollout.ROLLED_BACK, rollout.ABORTED, rollout.IDLE)
                 else None
             )
             services = builders.build_services(owner, spec, stable=serving.hash, candidate=candidate_hash)
@@ -866,13 +898,9 @@ class Reconciler:
             ):
                 rejected[key] = before  # refused as it is: sent again only once it changes (or after a while)
                 continue
+            # The namespace was primed (listed) before its first reconcile, and every write's response
+            # goes into the cache: a miss means the child does not exist (or lacks our labels).
             live = self.cache.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
-            if live is None:
-                # A cache miss (e.g. right after a restart, before the watch listed it): confirm by a read.
-                live = await self.kube.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
-                if live is not None:
-                    live.setdefault("kind", obj["kind"])
-                    self.cache.put(live)
             if needs_apply(live, obj):
                 if (
                     obj["kind"] == "Deployment"

@@ -4,6 +4,7 @@ operator running as a subprocess (issue: API and core reconcile)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,14 @@ def test_steady_state_writes_nothing(cluster: Cluster, md_factory: Any, operator
 
     wait_for(settled, 30, message=lambda: f"write count to settle: {seen[-20:]}")
     baseline = seen[-1]
+    # Creation costs one write per child: the first revision's Services already select it as they will
+    # once it is promoted, so nothing is written twice on the way to Ready.
+    per_child = Counter(
+        (e["objectRef"]["resource"], e["objectRef"].get("name"))
+        for e in _operator_writes(cluster, md.namespace)
+        if e["objectRef"]["resource"] in ("deployments", "services", "configmaps")
+    )
+    assert len(per_child) == 4 and set(per_child.values()) == {1}, per_child
 
     # Two resync periods (the session operator resyncs every 10 s): reconciles run, nothing is written.
     reconciles_before = operator.metric("modeldeploy_reconciles_total")

@@ -16,6 +16,7 @@ from modeldeploy.reconcile import (
     contains,
     needs_apply,
     observe_revision,
+    slim,
     with_applied_hash,
 )
 
@@ -370,6 +371,59 @@ def test_cache_reindexes_when_the_owner_label_changes() -> None:
     cache.put(obj("Pod", "p", 2, owner="md2"))
     assert cache.owned("Pod", "ns", "md1") == []
     assert [p["metadata"]["name"] for p in cache.owned("Pod", "ns", "md2")] == ["p"]
+
+
+def test_cache_keeps_only_our_own_apply_entry_of_managed_fields() -> None:
+    ours = {"manager": builders.MANAGER, "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+    managed = [
+        ours,
+        {"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}},
+        {"manager": builders.MANAGER, "operation": "Update", "fieldsV1": {"f:status": {}}},
+    ]
+    dep = obj("Deployment", "a", 1, spec={"replicas": 2})
+    dep["metadata"]["managedFields"] = managed
+    cache = Cache()
+    cache.put(dep)
+    got = cache.get("Deployment", "ns", "a")
+    assert got is not None
+    assert got["metadata"]["managedFields"] == [ours]
+    assert got["spec"] == {"replicas": 2} and got["metadata"]["labels"] == dep["metadata"]["labels"]
+    assert dep["metadata"]["managedFields"] == managed  # the caller's object is left as it was
+
+
+def test_cache_keeps_of_a_pod_what_the_reconcile_reads() -> None:
+    pod = obj(
+        "Pod",
+        "p",
+        4,
+        spec={"containers": [{"name": "triton", "image": "x" * 1000}]},
+        status={
+            "phase": "Running",
+            "podIP": "10.0.0.7",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "triton", "restartCount": 0, "ready": True}],
+            "hostIP": "192.0.2.1",
+            "qosClass": "BestEffort",
+        },
+    )
+    pod["metadata"].update(
+        {"uid": "u1", "annotations": {"big": "y" * 1000}, "managedFields": [{}], "generateName": "p-"}
+    )
+    slimmed = slim(pod)
+    assert "spec" not in slimmed
+    assert set(slimmed["metadata"]) == {"name", "namespace", "uid", "resourceVersion", "labels"}
+    assert set(slimmed["status"]) == {"phase", "podIP", "conditions", "containerStatuses"}
+    # What observe_revision derives is the same from the slim copy as from the whole Pod.
+    dep = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 1}}
+    assert observe_revision(dep, [slimmed]) == observe_revision(dep, [pod])
+    assert observe_revision(dep, [slimmed]).ready == 1
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert slim(pod)["metadata"]["deletionTimestamp"] == "2026-01-01T00:00:00Z"
+
+
+def test_cache_keeps_an_object_without_managed_fields_as_it_is() -> None:
+    svc = obj("Service", "s", 1, spec={"ports": []})
+    assert slim(svc) is svc
 
 
 # --------------------------------------------------------------------------- WorkQueue
