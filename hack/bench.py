@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(HERE), str(REPO / "tests")]
+sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO / "operator")]
 
 from kubernetes import client, config  # noqa: E402
 
@@ -90,7 +91,11 @@ class Bench:
         self.apps = client.AppsV1Api(self.api)
         op_kubeconfig = self.cp.issue_kubeconfig("operator", OPERATOR_USER)
         self.op = OperatorProcess(
-            self.workdir / "operator", ["bench-*"], env={"KUBECONFIG": str(op_kubeconfig)}, resync_seconds=60
+            self.workdir / "operator",
+            ["bench-*"],
+            env={"KUBECONFIG": str(op_kubeconfig)},
+            resync_seconds=60,
+            verbose=False,  # the chart's default log level: per-event debug lines would be measured too
         )
         self.op.start()
 
@@ -146,6 +151,7 @@ class Bench:
                     raise RuntimeError(f"{name}: not reconciled within 60 s")
                 time.sleep(0.005)
             lat.append(time.monotonic() - t0)
+        self.delete_namespace(ns)
         floor = self.direct_floor(n)
         return {
             "n": n,
@@ -156,67 +162,150 @@ class Bench:
             "ratio_p50": pct(lat, 50) / pct(floor, 50),
         }
 
-    def direct_floor(self, n: int) -> list[float]:
-        """The same writes (ModelDeployment, Deployment, 3 Services, status) by a plain client."""
-        import sys as _sys
-
-        _sys.path.insert(0, str(REPO / "operator"))
+    def direct_writes(self, ns: str, name: str) -> None:
+        """What the operator writes for a new ModelDeployment, issued by a plain client with no
+        decisions in between: the ModelDeployment, its Deployment and 3 Services (server-side apply),
+        one status patch."""
         from modeldeploy import api, builders, revision
 
-        ns = self.namespace("bench-floor")
+        md = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, md_body(name))
+        spec = api.ModelDeploymentSpec.model_validate(md["spec"])
+        owner = builders.Owner(name=name, namespace=ns, uid=md["metadata"]["uid"])
+        rev = revision.revision_hash(spec)
+        objs = [
+            builders.build_deployment(owner, spec, rev, revision_number=1, replicas=1),
+            *builders.build_services(owner, spec, stable=rev, candidate=None),
+        ]
+        for obj in objs:
+            patch = (
+                self.apps.patch_namespaced_deployment
+                if obj["kind"] == "Deployment"
+                else self.core.patch_namespaced_service
+            )
+            patch(
+                obj["metadata"]["name"],
+                ns,
+                obj,
+                field_manager="bench",
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, PLURAL, name, {"status": {"phase": "Pending", "observedGeneration": 1}}
+        )
+
+    def direct_floor(self, n: int) -> list[float]:
+        """Latency of :meth:`direct_writes`, one ModelDeployment at a time."""
+        ns = self.namespace("floor-create")
         out = []
         for i in range(n):
-            name = f"d{i}"
             t0 = time.monotonic()
-            md = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, md_body(name))
-            spec = api.ModelDeploymentSpec.model_validate(md["spec"])
-            owner = builders.Owner(name=name, namespace=ns, uid=md["metadata"]["uid"])
-            rev = revision.revision_hash(spec)
-            objs = [
-                builders.build_deployment(owner, spec, rev, revision_number=1, replicas=1),
-                *builders.build_services(owner, spec, stable=rev, candidate=None),
-            ]
-            for obj in objs:
-                patch = (
-                    self.apps.patch_namespaced_deployment
-                    if obj["kind"] == "Deployment"
-                    else self.core.patch_namespaced_service
-                )
-                patch(
-                    obj["metadata"]["name"],
-                    ns,
-                    obj,
-                    field_manager="bench",
-                    force=True,
-                    _content_type="application/apply-patch+yaml",
-                )
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, ns, PLURAL, name, {"status": {"phase": "Pending", "observedGeneration": 1}}
-            )
+            self.direct_writes(ns, f"d{i}")
             out.append(time.monotonic() - t0)
+        self.delete_namespace(ns)
         return out
 
-    def burst(self, n: int) -> dict[str, float]:
+    def burst(self, n: int, keep: bool = False) -> dict[str, Any]:
+        """N ModelDeployments created at once (8 client threads) -> every one Ready. Also where the
+        machine's CPU went meanwhile (per process) and who wrote what (audit log)."""
         ns = self.namespace(f"bench-burst-{n}")
+        return self._burst(
+            n,
+            ns,
+            lambda i: self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, md_body(f"b{i}")
+            ),
+            self._mds_ready,
+            keep,
+        )
+
+    def burst_floor(self, n: int) -> dict[str, Any]:
+        """The same children for N ModelDeployments written at once by a plain client (outside the
+        operator's namespaces) -> every Deployment's pod ready: what the cluster itself needs."""
+        ns = self.namespace(f"floor-burst-{n}")
+        return self._burst(n, ns, lambda i: self.direct_writes(ns, f"f{i}"), self._deployments_ready)
+
+    def _mds_ready(self, ns: str) -> int:
+        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        return sum(1 for it in items if (it.get("status") or {}).get("phase") == "Ready")
+
+    def _deployments_ready(self, ns: str) -> int:
+        return sum(
+            1 for d in self.apps.list_namespaced_deployment(ns).items if (d.status.ready_replicas or 0) >= 1
+        )
+
+    def _burst(self, n: int, ns: str, create: Any, count_ready: Any, keep: bool = False) -> dict[str, Any]:
+        cpu0, audit0 = self.cpu_seconds(), self.audit_position()
         t0 = time.monotonic()
         with cf.ThreadPoolExecutor(8) as pool:
-            list(
-                pool.map(
-                    lambda i: self.custom.create_namespaced_custom_object(
-                        GROUP, VERSION, ns, PLURAL, md_body(f"b{i}")
-                    ),
-                    range(n),
-                )
-            )
+            list(pool.map(create, range(n)))
         applied = time.monotonic() - t0
         ready = 0
         while time.monotonic() - t0 < 900:
-            items = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-            ready = sum(1 for it in items if (it.get("status") or {}).get("phase") == "Ready")
+            ready = count_ready(ns)
             if ready == n:
                 break
             time.sleep(0.5)
-        return {"n": n, "applied_s": applied, "all_ready_s": time.monotonic() - t0, "ready": ready}
+        elapsed = time.monotonic() - t0
+        cpu1 = self.cpu_seconds()
+        out = {
+            "n": n,
+            "applied_s": applied,
+            "all_ready_s": elapsed,
+            "ready": ready,
+            "cpu_s": {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1},
+            "writes": self.writes_by_identity(audit0, ns),
+        }
+        if not keep:
+            self.delete_namespace(ns)
+        return out
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """user+system CPU seconds of every control-plane process and of the operator."""
+        pids = {name: proc.pid for name, proc in self.cp.processes.items()}
+        if self.op.proc is not None and self.op.proc.poll() is None:
+            pids["operator"] = self.op.proc.pid
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, pid in pids.items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    def audit_position(self) -> int:
+        return self.cp.audit_log.stat().st_size if self.cp.audit_log.exists() else 0
+
+    def writes_by_identity(self, since: int, namespace: str) -> dict[str, int]:
+        """API writes in ``namespace`` after byte offset ``since`` of the audit log, by client identity."""
+        counts: dict[str, int] = {}
+        with self.cp.audit_log.open() as f:
+            f.seek(since)
+            for line in f:
+                if not line.strip():
+                    continue
+                ev = json.loads(line)
+                if (ev.get("objectRef") or {}).get("namespace") != namespace:
+                    continue
+                user = ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
+                counts[user] = counts.get(user, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def delete_namespace(self, name: str, timeout: float = 600) -> None:
+        """Delete a namespace and wait until it is gone, so later figures see only what they create."""
+        self.core.delete_namespace(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.core.read_namespace(name)
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    return
+                raise
+            time.sleep(0.5)
+        raise RuntimeError(f"namespace {name} not deleted within {timeout} s")
 
     def steady(self, seconds: float) -> dict[str, float]:
         before = self.operator_writes()
@@ -265,7 +354,9 @@ class Bench:
                 ns, label_selector=f"modeldeploy.io/name={name}"
             ).items
             if st.get("phase") == "RolledBack" and len(deps) == 1:
-                return {"reaction_s": time.monotonic() - t_fail}
+                reaction = time.monotonic() - t_fail
+                self.delete_namespace(ns)
+                return {"reaction_s": reaction}
             time.sleep(0.005)
 
     def _wait_phase(self, ns: str, name: str, phase: str, timeout: float = 120) -> None:
@@ -285,7 +376,11 @@ def main() -> int:
     ap.add_argument("--create", type=int, default=100)
     ap.add_argument("--burst", default="100,500,1000")
     ap.add_argument("--steady-seconds", type=float, default=60)
+    ap.add_argument(
+        "--no-floor", action="store_true", help="skip the burst floor (plain client, no operator)"
+    )
     args = ap.parse_args()
+    sizes = [int(x) for x in args.burst.split(",") if x]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="modeldeploy-bench-") as tmp:
         bench = Bench(Path(tmp))
@@ -295,18 +390,28 @@ def main() -> int:
             print("create latency:", json.dumps(results["create"]), flush=True)
             results["rollback"] = bench.rollback_reaction()
             print("rollback reaction:", json.dumps(results["rollback"]), flush=True)
-            for n in [int(x) for x in args.burst.split(",") if x]:
-                results[f"burst_{n}"] = bench.burst(n)
+            if sizes and not args.no_floor:
+                results["floor"] = bench.burst_floor(max(sizes))
+                print(f"burst floor {max(sizes)}:", json.dumps(results["floor"]), flush=True)
+            # Each burst in a namespace of its own, deleted before the next: the last (largest) one stays
+            # for the steady-state and RSS figures, so those are taken at exactly N.
+            for i, n in enumerate(sizes):
+                results[f"burst_{n}"] = bench.burst(n, keep=i == len(sizes) - 1)
                 print(f"burst {n}:", json.dumps(results[f"burst_{n}"]), flush=True)
-            total = sum(int(x) for x in args.burst.split(",") if x) + 2 * args.create + 1
+            idle = max(sizes[-1:] or [0])
             results["steady"] = bench.steady(args.steady_seconds)
-            results["steady"]["modeldeployments"] = total
+            results["steady"]["modeldeployments"] = idle
             print("steady state:", json.dumps(results["steady"]), flush=True)
             rss, peak = bench.operator_rss_mb()
-            results["operator_rss_mb"] = {"now": rss, "peak": peak, "modeldeployments": total}
+            results["operator_rss_mb"] = {"now": rss, "peak": peak, "modeldeployments": idle}
             print("operator RSS:", json.dumps(results["operator_rss_mb"]), flush=True)
         finally:
             bench.stop()
+    report(results)
+    return 0
+
+
+def report(results: dict[str, Any]) -> None:
     c = results["create"]
     print("\n== modeldeploy bench (local control plane, operator as subprocess) ==")
     print(
@@ -315,22 +420,27 @@ def main() -> int:
         f"ratio {c['ratio_p50']:.2f}x)  n={c['n']}"
     )
     for key, b in results.items():
-        if key.startswith("burst_"):
+        if key.startswith("burst_") or key == "floor":
+            what = "burst floor" if key == "floor" else "burst"
             print(
-                f"burst {b['n']:>5}          all Ready in {b['all_ready_s']:.1f} s "
+                f"{what:<12}{b['n']:>5}    all Ready in {b['all_ready_s']:.1f} s "
                 f"(applied in {b['applied_s']:.1f} s; ready {b['ready']}/{b['n']})"
             )
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(b["cpu_s"].items(), key=lambda kv: -kv[1]))
+            writes = ", ".join(f"{k} {v}" for k, v in b["writes"].items())
+            print(f"{'':<21}CPU seconds: {cpu}")
+            print(f"{'':<21}API writes: {writes}")
     s = results["steady"]
     print(
         f"steady state        {s['writes_per_min']:.1f} operator writes/min with "
         f"{s['modeldeployments']} idle ModelDeployments ({s['writes']} in {s['seconds']:.0f} s)"
     )
     r = results["operator_rss_mb"]
-    print(f"operator RSS        {r['now']:.0f} MiB now, {r['peak']:.0f} MiB peak at {r['modeldeployments']}")
     print(
-        f"rollback reaction   {results['rollback']['reaction_s']:.2f} s (failure seen -> stable only)"
+        f"operator RSS        {r['now']:.0f} MiB now, {r['peak']:.0f} MiB peak "
+        f"(with {r['modeldeployments']} ModelDeployments at the end)"
     )
-    return 0
+    print(f"rollback reaction   {results['rollback']['reaction_s']:.2f} s (failure seen -> stable only)")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,14 @@ class OperatorProcess:
         env: dict[str, str] | None = None,
         resync_seconds: float = 30,
         extra_args: list[str] | None = None,
+        verbose: bool = True,
     ) -> None:
         self.log_dir = log_dir
         self.namespaces = namespaces
         self.resync_seconds = resync_seconds
         self.extra_args = extra_args or []
         self.extra_env = env or {}
+        self.verbose = verbose
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
@@ -63,7 +65,7 @@ class OperatorProcess:
             "modeldeploy",
             "operator",
             "--standalone",
-            "--verbose",
+            *(["--verbose"] if self.verbose else []),
             "--liveness",
             f"http://127.0.0.1:{self.health_port}/healthz",
             *self.extra_args,
