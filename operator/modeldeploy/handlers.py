@@ -57,6 +57,21 @@ class Operator:
 OP = Operator()
 
 
+class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a deep-copied "essence" of every object on every event for change detection. We
+    register ``on.event`` handlers only, which never look at it: skip the copy (a sixth of the
+    operator's CPU during a burst of creations, measured with py-spy)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
 async def _login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
@@ -125,7 +140,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own prefixes; kopf keeps no business state (we only use on.event handlers).
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{api.GROUP}")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=f"kopf.{api.GROUP}")
+    settings.persistence.diffbase_storage = _NoDiffBase(prefix=f"kopf.{api.GROUP}")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # Without --verbose/--debug: no "Handler 'watch-pods' succeeded." line per watch event (a
+        # line per pod status change in a busy cluster). Warnings and errors still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Explicit timeouts: watch stalls behind load balancers are a known kopf pitfall (#204, #698).
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
