@@ -1075,7 +1075,7 @@ def _audit_time(event: dict[str, Any]) -> float:
     return datetime.strptime(stamp[:26].rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
 
-OUTAGE_SECONDS = 8  # held down this long
+OUTAGE_SECONDS = 65  # longer than a kopf retry cycle (54 s), after which a watch escalates and starts anew
 PAUSE_SECONDS = 4  # the canary step's pause: ends while the API server is away
 
 
