@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import json
 import os
 import sys
@@ -225,14 +226,57 @@ class Bench:
         ns = self.namespace(f"floor-burst-{n}")
         return self._burst(n, ns, lambda i: self.direct_writes(ns, f"f{i}"), self._deployments_ready)
 
-    def _mds_ready(self, ns: str) -> int:
-        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-        return sum(1 for it in items if (it.get("status") or {}).get("phase") == "Ready")
-
-    def _deployments_ready(self, ns: str) -> int:
-        return sum(
-            1 for d in self.apps.list_namespaced_deployment(ns).items if (d.status.ready_replicas or 0) >= 1
+    def _mds_ready(self, ns: str, n: int, deadline: float) -> int:
+        return self._watch_ready(
+            functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
+            lambda md: (md.get("status") or {}).get("phase") == "Ready",
+            n,
+            deadline,
         )
+
+    def _deployments_ready(self, ns: str, n: int, deadline: float) -> int:
+        return self._watch_ready(
+            functools.partial(self.apps.list_namespaced_deployment, ns),
+            lambda dep: (dep.get("status") or {}).get("readyReplicas", 0) >= 1,
+            n,
+            deadline,
+        )
+
+    @staticmethod
+    def _watch_ready(list_fn: Any, ready: Any, n: int, deadline: float) -> int:
+        """How many objects are ready, once ``n`` are (or at ``deadline``): one list, then a watch from
+        its resourceVersion, raw JSON. (Polling a list of 1000 objects every half second costs the API
+        server, and this process, more than the operator under test.)"""
+        body = json.loads(list_fn(_preload_content=False).data)
+        state = {it["metadata"]["name"]: bool(ready(it)) for it in body["items"]}
+        rv = body["metadata"]["resourceVersion"]
+        while sum(state.values()) < n and time.monotonic() < deadline:
+            resp = list_fn(
+                watch=True,
+                resource_version=rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=max(1, min(30, int(deadline - time.monotonic()))),
+                _preload_content=False,
+            )
+            try:
+                for line in resp:
+                    event = json.loads(line)
+                    obj = event["object"]
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: list again
+                        body = json.loads(list_fn(_preload_content=False).data)
+                        state = {it["metadata"]["name"]: bool(ready(it)) for it in body["items"]}
+                        rv = body["metadata"]["resourceVersion"]
+                        break
+                    rv = obj["metadata"]["resourceVersion"]
+                    if event["type"] == "DELETED":
+                        state.pop(obj["metadata"]["name"], None)
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        state[obj["metadata"]["name"]] = bool(ready(obj))
+                    if sum(state.values()) >= n:
+                        break
+            finally:
+                resp.close()
+        return sum(state.values())
 
     def _burst(self, n: int, ns: str, create: Any, count_ready: Any, keep: bool = False) -> dict[str, Any]:
         cpu0, audit0 = self.cpu_seconds(), self.audit_position()
@@ -240,12 +284,7 @@ class Bench:
         with cf.ThreadPoolExecutor(8) as pool:
             list(pool.map(create, range(n)))
         applied = time.monotonic() - t0
-        ready = 0
-        while time.monotonic() - t0 < 900:
-            ready = count_ready(ns)
-            if ready == n:
-                break
-            time.sleep(0.5)
+        ready = count_ready(ns, n, t0 + 900)
         elapsed = time.monotonic() - t0
         cpu1 = self.cpu_seconds()
         out = {
