@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,22 @@ def operator(
     cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """One operator for the session, watching every ``md-*`` namespace."""
-    op = OperatorProcess(tmp_path_factory.mktemp("operator"), ["md-*"], resync_seconds=10)
+    with running_operator(tmp_path_factory.mktemp("operator"), ["md-*"]) as op:
+        yield op
+
+
+@pytest.fixture
+def md_ns(cluster: Cluster, operator: OperatorProcess, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace the session operator watches."""
+    with fresh_namespace(cluster, "md-", request.node.name) as name:
+        yield name
+
+
+@contextmanager
+def running_operator(log_dir: Path, namespaces: list[str], **options: Any) -> Iterator[OperatorProcess]:
+    """An operator subprocess for the ``with`` block (a resync every 10 s unless told otherwise).
+    Tests that kill or restart one use their own, so the session operator is left alone."""
+    op = OperatorProcess(log_dir, namespaces, **{"resync_seconds": 10, **options})
     op.start()
     try:
         yield op
@@ -37,10 +53,10 @@ def operator(
             print(op.tail(200))
 
 
-@pytest.fixture
-def md_ns(cluster: Cluster, operator: OperatorProcess, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace the session operator watches."""
-    name = cluster.create_namespace(unique_name("md-" + request.node.name[:30]))
+@contextmanager
+def fresh_namespace(cluster: Cluster, prefix: str, test_name: str) -> Iterator[str]:
+    """A namespace named after the test, deleted afterwards (kept with MODELDEPLOY_KEEP_NAMESPACES=1)."""
+    name = cluster.create_namespace(unique_name(prefix + test_name.removeprefix("test_")[:28]))
     try:
         yield name
     finally:

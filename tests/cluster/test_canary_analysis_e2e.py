@@ -34,20 +34,18 @@ Timings and every analysis verdict the operator wrote go to stdout (``pytest -s`
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NoReturn
 
 import pytest
 
 from conftest import MD, model_deployment
+from hackmods import load_hack
+from hackmods import unavailable as _unavailable
 from kube import Cluster, hold_for, wait_for
 from modeldeploy import api, revision
 
@@ -106,33 +104,12 @@ VERSIONS = {
 # --------------------------------------------------------------------------- environment
 
 
-def _load(name: str) -> ModuleType:
-    """hack/<name>.py under a private module name (``triton`` is also a PyPI package);
-    the same names as tests/triton use, so a session shares one module object."""
-    mod_name = f"modeldeploy_hack_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, REPO_ROOT / "hack" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-triton_launcher = _load("triton")
-prometheus = _load("prometheus")
+triton_launcher = load_hack("triton")
+prometheus = load_hack("prometheus")
 
 
 def unavailable(reason: str) -> NoReturn:
-    required = [
-        env
-        for env in ("MODELDEPLOY_REQUIRE_TRITON", "MODELDEPLOY_REQUIRE_CLUSTER")
-        if os.environ.get(env, "").strip().lower() in ("1", "true", "yes")
-    ]
-    if required:
-        pytest.fail(f"required ({', '.join(required)}) but unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
+    _unavailable(reason, ("MODELDEPLOY_REQUIRE_TRITON", "MODELDEPLOY_REQUIRE_CLUSTER"))
 
 
 def log(msg: str) -> None:

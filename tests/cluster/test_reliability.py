@@ -49,8 +49,8 @@ import pytest
 from kubernetes import client
 
 import modeldeploy.kube  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
-from conftest import GROUP, MD, PLURAL, VERSION, model_deployment
-from kube import Cluster, hold_for, unique_name, wait_for
+from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, running_operator
+from kube import Cluster, hold_for, wait_for
 from localcluster import node_schedulable
 from operator_proc import OperatorProcess
 
@@ -78,26 +78,16 @@ def relop(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory)
     env: dict[str, str] = {}
     if cluster.control_plane is not None:
         env["KUBECONFIG"] = str(cluster.control_plane.issue_kubeconfig(OP_USER, OP_USER))
-    op = OperatorProcess(tmp_path_factory.mktemp("reliability"), ["rel-*"], env=env, resync_seconds=10)
-    op.start()
-    try:
+    with running_operator(tmp_path_factory.mktemp("reliability"), ["rel-*"], env=env) as op:
         yield op
-    finally:
-        op.stop()
-        if os.environ.get("MODELDEPLOY_SHOW_OPERATOR_LOG"):
-            print(op.tail(200))
 
 
 @pytest.fixture
 def rel_ns(cluster: Cluster, relop: OperatorProcess, request: pytest.FixtureRequest) -> Iterator[str]:
     if relop.proc is None or relop.proc.poll() is not None:
         relop.start()  # a previous test may have left it killed
-    name = cluster.create_namespace(unique_name("rel-" + request.node.name.removeprefix("test_")[:28]))
-    try:
+    with fresh_namespace(cluster, "rel-", request.node.name) as name:
         yield name
-    finally:
-        if os.environ.get("MODELDEPLOY_KEEP_NAMESPACES") != "1":
-            cluster.delete_namespace(name)
 
 
 # --------------------------------------------------------------------------- helpers

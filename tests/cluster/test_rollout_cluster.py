@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MD, model_deployment
-from kube import Cluster, hold_for, unique_name, wait_for
+from conftest import MD, fresh_namespace, model_deployment, running_operator
+from kube import Cluster, hold_for, wait_for
 from operator_proc import OperatorProcess
 
 REV_LABEL = "modeldeploy.io/revision"
@@ -718,24 +718,14 @@ def restartable(
     cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """An operator of our own (namespaces ``rk-*``), so killing it leaves the session operator alone."""
-    op = OperatorProcess(tmp_path_factory.mktemp("restartable"), ["rk-*"], resync_seconds=10)
-    op.start()
-    try:
+    with running_operator(tmp_path_factory.mktemp("restartable"), ["rk-*"]) as op:
         yield op
-    finally:
-        op.stop()
-        if os.environ.get("MODELDEPLOY_SHOW_OPERATOR_LOG"):
-            print(op.tail(200))
 
 
 @pytest.fixture
 def rk_ns(cluster: Cluster, restartable: OperatorProcess, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = cluster.create_namespace(unique_name("rk-" + request.node.name[:30]))
-    try:
+    with fresh_namespace(cluster, "rk-", request.node.name) as name:
         yield name
-    finally:
-        if os.environ.get("MODELDEPLOY_KEEP_NAMESPACES") != "1":
-            cluster.delete_namespace(name)
 
 
 def _crash(op: OperatorProcess, kills: list[str], where: str) -> None:

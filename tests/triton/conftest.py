@@ -6,10 +6,8 @@ reason; with ``MODELDEPLOY_REQUIRE_TRITON=1`` (CI) they fail with it instead.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -17,24 +15,13 @@ from typing import Any, NoReturn, Protocol
 
 import pytest
 
+from hackmods import load_hack
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRE_ENV = "MODELDEPLOY_REQUIRE_TRITON"
 
 
-def _load_launcher() -> ModuleType:
-    """Import hack/triton.py under a private name (``triton`` is also a PyPI package)."""
-    name = "modeldeploy_hack_triton"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / "triton.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-launcher = _load_launcher()
+launcher = load_hack("triton")
 
 
 def unavailable(reason: str) -> NoReturn:

@@ -18,21 +18,19 @@ scraping the server's metrics port directly.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from hackmods import load_hack, unavailable
 from modeldeploy import api
 from modeldeploy.analysis import PrometheusSource, ScrapeSource, Target, TritonAnalysis, window
 
@@ -92,25 +90,7 @@ MD: dict[str, Any] = {
 STATE = api.RolloutState(state="Progressing", step=0, stable_revision=1, candidate_revision=2)
 
 
-def _load(name: str) -> ModuleType:
-    mod_name = f"modeldeploy_hack_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, REPO_ROOT / "hack" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prometheus = _load("prometheus")
-
-
-def unavailable(reason: str) -> NoReturn:
-    if os.environ.get("MODELDEPLOY_REQUIRE_TRITON") == "1":
-        pytest.fail(f"required (MODELDEPLOY_REQUIRE_TRITON=1) but unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
+prometheus = load_hack("prometheus")
 
 
 class ManualClock:

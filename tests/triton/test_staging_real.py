@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import io
 import os
 import subprocess
@@ -25,12 +24,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from hackmods import load_hack, unavailable
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
 
@@ -55,25 +55,7 @@ class TritonPythonModel:
 """
 
 
-def _load(name: str) -> ModuleType:
-    mod_name = f"modeldeploy_hack_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, REPO_ROOT / "hack" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-s3server = _load("s3server")
-
-
-def unavailable(reason: str) -> NoReturn:
-    if os.environ.get("MODELDEPLOY_REQUIRE_TRITON") == "1":
-        pytest.fail(f"required (MODELDEPLOY_REQUIRE_TRITON=1) but unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
+s3server = load_hack("s3server")
 
 
 def rendered_config() -> str:
