@@ -147,3 +147,18 @@ def md_factory(cluster: Cluster, md_ns: str) -> Any:
 
 def operator_log_dir(tmp: Path) -> Path:
     return tmp / "operator"
+
+
+def ready_on(md: MD, revision: int, timeout: float = 90) -> dict[str, Any]:
+    """Phase Ready with ``revision`` stable and no rollout going on."""
+    return wait_for(
+        lambda: (
+            st
+            if (st := md.status()).get("phase") == "Ready"
+            and st.get("stableRevision") == revision
+            and (st.get("rollout") or {}).get("state") == "Idle"
+            else None
+        ),
+        timeout,
+        message=lambda: f"{md.name} Ready on revision {revision}: {md.status()}",
+    )

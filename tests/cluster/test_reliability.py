@@ -49,7 +49,7 @@ import pytest
 from kubernetes import client
 
 import modeldeploy.kube  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
-from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, running_operator
+from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, ready_on, running_operator
 from kube import Cluster, hold_for, wait_for
 from localcluster import node_schedulable
 from operator_proc import OperatorProcess
@@ -91,21 +91,6 @@ def rel_ns(cluster: Cluster, relop: OperatorProcess, request: pytest.FixtureRequ
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def ready_on(md: MD, revision: int, timeout: float = 90) -> dict[str, Any]:
-    """Phase Ready with ``revision`` stable and no rollout going on."""
-    return wait_for(
-        lambda: (
-            st
-            if (st := md.status()).get("phase") == "Ready"
-            and st.get("stableRevision") == revision
-            and (st.get("rollout") or {}).get("state") == "Idle"
-            else None
-        ),
-        timeout,
-        message=lambda: f"{md.name} Ready on revision {revision}: {md.status()}",
-    )
 
 
 def events(md: MD, reason: str, contains: str = "") -> list[Any]:

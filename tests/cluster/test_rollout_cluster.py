@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MD, fresh_namespace, model_deployment, running_operator
+from conftest import MD, fresh_namespace, model_deployment, ready_on, running_operator
 from kube import Cluster, hold_for, wait_for
 from operator_proc import OperatorProcess
 
@@ -260,21 +260,6 @@ def canary(*steps: dict[str, Any], delay: int = 0, deadline: int | None = None) 
     if deadline is not None:
         out["progressDeadlineSeconds"] = deadline
     return out
-
-
-def ready_on(md: MD, revision: int, timeout: float = 90) -> dict[str, Any]:
-    """Phase Ready with ``revision`` stable and no rollout going on."""
-    return wait_for(
-        lambda: (
-            st
-            if (st := md.status()).get("phase") == "Ready"
-            and st.get("stableRevision") == revision
-            and (st.get("rollout") or {}).get("state") == "Idle"
-            else None
-        ),
-        timeout,
-        message=lambda: f"{md.name} Ready on revision {revision}: {md.status()}",
-    )
 
 
 def serving(obs: Observer, revision: int, pods: int, timeout: float = 30) -> Snap:
