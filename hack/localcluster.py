@@ -1087,7 +1087,7 @@ class LocalControlPlane:
             "--audit-log-format=json",
             "--audit-log-mode=blocking",
             "--audit-log-maxsize=0",
-            "--profiling=true",  # TEMP
+            "--profiling=false",
         ]
 
     def _controller_manager_argv(self) -> list[str]:
