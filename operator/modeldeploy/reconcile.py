@@ -62,7 +62,8 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
     """What the cache keeps of an object (like controller-runtime's cache transforms): never other
     managers' ``managedFields`` (often a third of a body; only our own Apply entry is read, to hand a
     Deployment's replicas over to an HPA), and of a Pod only the fields the reconcile reads.
-    Returns a new top-level dict; nested values are shared, not copied."""
+    Never modifies ``obj``: a trimmed object is a new top-level dict sharing the nested values, and an
+    object with nothing to trim is returned as it is."""
     meta = obj.get("metadata") or {}
     if obj.get("kind") == "Pod":
         status = obj.get("status") or {}

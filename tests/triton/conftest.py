@@ -6,7 +6,6 @@ reason; with ``MODELDEPLOY_REQUIRE_TRITON=1`` (CI) they fail with it instead.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, NoReturn, Protocol
 import pytest
 
 from hackmods import load_hack
+from hackmods import unavailable as _unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRE_ENV = "MODELDEPLOY_REQUIRE_TRITON"
@@ -26,9 +26,7 @@ launcher = load_hack("triton")
 
 def unavailable(reason: str) -> NoReturn:
     """Skip, or fail when the environment says Triton is required."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"tritonserver required ({REQUIRE_ENV}=1) but unavailable: {reason}", pytrace=False)
-    pytest.skip(f"tritonserver unavailable: {reason}")
+    _unavailable(f"tritonserver unavailable: {reason}", (REQUIRE_ENV,))
 
 
 @pytest.fixture(scope="session")
