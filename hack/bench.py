@@ -29,10 +29,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO / "operator")]
 
-from kubernetes import client, config  # noqa: E402
-
 import localcluster  # noqa: E402
-from operator_proc import CRD_FILE, OperatorProcess  # noqa: E402
+from kube import Cluster  # noqa: E402
+from operator_proc import OperatorProcess, install_crd  # noqa: E402
 
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
 OPERATOR_USER = "modeldeploy-operator"
@@ -64,32 +63,13 @@ class Bench:
 
     def start(self) -> None:
         self.cp.start()
-        import os
-        import subprocess
-
         env = self.cp.env()
         os.environ.update({"KUBECONFIG": env["KUBECONFIG"], "PATH": env["PATH"]})
-        subprocess.run(["kubectl", "apply", "--server-side", "-f", str(CRD_FILE)], check=True)
-        for _ in range(50):  # the CRD may not be visible to `kubectl wait` for a moment
-            done = subprocess.run(
-                [
-                    "kubectl",
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=60s",
-                    "crd/modeldeployments.modeldeploy.io",
-                ],
-                capture_output=True,
-            )
-            if done.returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"CRD not established: {done.stderr.decode()}")
-        self.api = config.new_client_from_config(config_file=str(self.cp.kubeconfig))
-        self.custom = client.CustomObjectsApi(self.api)
-        self.core = client.CoreV1Api(self.api)
-        self.apps = client.AppsV1Api(self.api)
+        self.cluster = Cluster(
+            self.cp.kubeconfig, env, backend="local", simulated=True, control_plane=self.cp
+        )
+        install_crd(self.cluster)
+        self.custom, self.core, self.apps = self.cluster.custom, self.cluster.core, self.cluster.apps
         op_kubeconfig = self.cp.issue_kubeconfig("operator", OPERATOR_USER)
         self.op = OperatorProcess(
             self.workdir / "operator",
@@ -105,15 +85,11 @@ class Bench:
         self.cp.stop()
 
     def namespace(self, name: str) -> str:
-        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.core.read_namespaced_service_account("default", name)
-                return name
-            except client.ApiException:
-                time.sleep(0.1)
-        raise RuntimeError(f"namespace {name}: no default ServiceAccount")
+        return self.cluster.create_namespace(name)
+
+    def delete_namespace(self, name: str) -> None:
+        """Delete a namespace and wait until it is gone, so later figures see only what they create."""
+        self.cluster.delete_namespace(name, wait=True, timeout=600)
 
     def operator_writes(self) -> int:
         return sum(
@@ -247,9 +223,14 @@ class Bench:
         """How many objects are ready, once ``n`` are (or at ``deadline``): one list, then a watch from
         its resourceVersion, raw JSON. (Polling a list of 1000 objects every half second costs the API
         server, and this process, more than the operator under test.)"""
-        body = json.loads(list_fn(_preload_content=False).data)
-        state = {it["metadata"]["name"]: bool(ready(it)) for it in body["items"]}
-        rv = body["metadata"]["resourceVersion"]
+
+        def relist() -> tuple[dict[str, bool], str]:
+            body = json.loads(list_fn(_preload_content=False).data)
+            return {it["metadata"]["name"]: bool(ready(it)) for it in body["items"]}, body["metadata"][
+                "resourceVersion"
+            ]
+
+        state, rv = relist()
         while sum(state.values()) < n and time.monotonic() < deadline:
             resp = list_fn(
                 watch=True,
@@ -263,9 +244,7 @@ class Bench:
                     event = json.loads(line)
                     obj = event["object"]
                     if event["type"] == "ERROR":  # e.g. 410 Gone: list again
-                        body = json.loads(list_fn(_preload_content=False).data)
-                        state = {it["metadata"]["name"]: bool(ready(it)) for it in body["items"]}
-                        rv = body["metadata"]["resourceVersion"]
+                        state, rv = relist()
                         break
                     rv = obj["metadata"]["resourceVersion"]
                     if event["type"] == "DELETED":
@@ -331,20 +310,6 @@ class Bench:
                 user = ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
                 counts[user] = counts.get(user, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-    def delete_namespace(self, name: str, timeout: float = 600) -> None:
-        """Delete a namespace and wait until it is gone, so later figures see only what they create."""
-        self.core.delete_namespace(name)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.core.read_namespace(name)
-            except client.ApiException as exc:
-                if exc.status == 404:
-                    return
-                raise
-            time.sleep(0.5)
-        raise RuntimeError(f"namespace {name} not deleted within {timeout} s")
 
     def steady(self, seconds: float) -> dict[str, float]:
         before = self.operator_writes()
@@ -437,7 +402,7 @@ def main() -> int:
             for i, n in enumerate(sizes):
                 results[f"burst_{n}"] = bench.burst(n, keep=i == len(sizes) - 1)
                 print(f"burst {n}:", json.dumps(results[f"burst_{n}"]), flush=True)
-            idle = max(sizes[-1:] or [0])
+            idle = sizes[-1] if sizes else 0
             results["steady"] = bench.steady(args.steady_seconds)
             results["steady"]["modeldeployments"] = idle
             print("steady state:", json.dumps(results["steady"]), flush=True)
