@@ -276,11 +276,23 @@ def test_scale_subresource_and_hpa(cluster: Cluster, md_factory: Any) -> None:
     assert hpa.spec.scale_target_ref.name == dep.metadata.name
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 5)
     assert {m.type for m in hpa.spec.metrics} == {"Resource", "Pods"}
-    for mf in dep.metadata.managed_fields:
-        if mf.manager == "modeldeploy-operator":
-            assert "f:replicas" not in json.dumps(mf.fields_v1.get("f:spec", {})), (
-                "the operator must not own replicas of an HPA-managed Deployment"
-            )
+
+    # The first revision is created with replicas (the HPA's floor, so it starts at full size) and handed
+    # over to the HPA right after Ready is persisted (status first, then children): wait for that apply,
+    # and the hand-over must keep the size (dropping the field would default it to 1).
+    def operator_owns_replicas(d: Any) -> bool:
+        return any(
+            mf.manager == "modeldeploy-operator"
+            and "f:replicas" in json.dumps((mf.fields_v1 or {}).get("f:spec", {}))
+            for mf in d.metadata.managed_fields
+        )
+
+    _wait_single_deployment(auto, lambda d: not operator_owns_replicas(d), timeout=30)
+    hold_for(
+        lambda: (d := _deployment(auto)).spec.replicas == 2 and not operator_owns_replicas(d),
+        3,
+        message="the HPA-managed Deployment keeps 2 replicas, and the operator does not take them back",
+    )
     # And the scale subresource refuses replicas while autoscaling is on (CEL: replicas xor autoscaling).
     res = cluster.kubectl("scale", "md/auto", "-n", md.namespace, "--replicas=4", check=False)
     assert res.returncode != 0 and "autoscaling" in res.stderr
