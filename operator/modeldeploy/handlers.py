@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from . import api, builders, metrics
+from . import api, builders, kopfpatch, metrics
 from .analysis import TritonAnalysis
 from .kube import Kube
 from .leader import LeaderElector
@@ -55,6 +55,9 @@ class Operator:
 
 
 OP = Operator()
+
+# Before kopf starts observing namespaces (this module is loaded by ``kopf run -m``).
+kopfpatch.serve_namespaces_of_initial_listing()
 
 
 class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):

@@ -19,11 +19,14 @@ its writes to it).
   and failing versions (kwok ``simulate: crashloop`` / ``never-ready``) drawn from a printed seed
   (``MODELDEPLOY_CHAOS_SEED`` replays it), while the operator is SIGKILLed at random moments and
   restarted. Polled continuously: stable capacity, history never losing a revision.
+* ``test_namespaces_created_during_startup_are_all_served``: namespaces matching the operator's glob
+  created back to back around its start (kopf's list-then-watch gap) are all served.
 * ``test_apiserver_restart_mid_rollout`` (local backend; last, it takes the API away): kube-apiserver
-  is killed (no graceful drain) while a canary step's pause runs, held down 8 s and started again on
-  the same etcd; the step falls due during the outage. The operator reconnects and finishes the
-  rollout; nothing is duplicated (one Deployment per live revision, history entries unique, one
-  Promoted Event); its watches are back (a new spec is seen at once).
+  is killed (no graceful drain) while a canary step's pause runs, held down 65 s (past a whole kopf
+  retry cycle) and started again on the same etcd; the step falls due during the outage. The
+  operator reconnects and finishes the rollout; nothing is duplicated (one Deployment per live
+  revision, history entries unique, one Promoted Event); its watches are back (a new spec is seen
+  at once).
 
 Figures go to stdout (``pytest -s``).
 """
@@ -50,7 +53,7 @@ from kubernetes import client
 
 import modeldeploy.kube  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
 from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, ready_on, running_operator
-from kube import Cluster, hold_for, wait_for
+from kube import Cluster, hold_for, unique_name, wait_for
 from localcluster import node_schedulable
 from operator_proc import OperatorProcess
 
@@ -412,9 +415,9 @@ ODD_BUT_VALID: list[tuple[str, dict[str, Any], set[str], str | None]] = [
         {"Failed"},
         "model.config.inputs",
     ),
-    ("odd.dots", BASE_SPEC, {"Degraded"}, "DNS-1035"),
     # The CRD does not carry the model's map-key lengths: the API server accepts this, the operator's
     # model refuses it, and says so in status.
+    ("odd.dots", BASE_SPEC, {"Degraded"}, "DNS-1035"),
     (
         "odd-long-key",
         _with({"model": {"config": {"parameters": {"k" * 129: "v"}}}}),
@@ -1031,6 +1034,74 @@ def test_sigkill_chaos_over_twenty_rollouts(cluster: Cluster, relop: OperatorPro
     )
     assert rollouts == CHAOS_MDS * CHAOS_ROLLOUTS
     assert len(kills) >= 8, f"only {len(kills)} kills"
+
+
+# --------------------------------------------------------------------------- namespaces during start-up
+
+STARTUP_PREFIX = "nsrace-"
+
+
+def test_namespaces_created_during_startup_are_all_served(
+    cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With namespace globs, kopf lists the namespaces, then starts a namespace watch whose own initial
+    listing it ignores: a namespace created between the two was never served until a restart. Here
+    namespaces (each with a ModelDeployment) are created back to back from before the operator starts
+    until after it is healthy, so some fall into that window on every run; every one must be served."""
+    created: list[str] = []
+    problems: list[BaseException] = []
+    healthy = threading.Event()
+
+    def creator() -> None:
+        try:
+            deadline = None
+            while deadline is None or time.monotonic() < deadline:
+                if deadline is None and healthy.is_set():
+                    deadline = time.monotonic() + 1.0  # and a second more after the operator is up
+                name = unique_name(STARTUP_PREFIX)
+                meta = client.V1ObjectMeta(name=name, labels={"modeldeploy.io/test": "true"})
+                cluster.core.create_namespace(client.V1Namespace(metadata=meta))
+                created.append(name)
+                cluster.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, name, PLURAL, model_deployment("m", replicas=1)
+                )
+                if len(created) >= 400:
+                    return  # a safety stop; the operator starts in a few seconds
+        except BaseException as e:  # reported by the main thread
+            problems.append(e)
+
+    thread = threading.Thread(target=creator, name="namespace-creator", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(created) >= 3, 30, message="first namespaces created")
+        with running_operator(tmp_path_factory.mktemp("startup"), [STARTUP_PREFIX + "*"]) as op:
+            healthy.set()
+            thread.join(60)
+            assert not problems, f"creator thread: {problems[0]!r}"
+            assert not thread.is_alive(), "the creator did not stop"
+
+            def unserved() -> list[str]:
+                return [
+                    ns
+                    for ns in created
+                    if not MD(cluster, ns, "m").get().get("status", {}).get("observedGeneration")
+                ]
+
+            wait_for(
+                lambda: not unserved(),
+                90,
+                interval=1,
+                message=lambda: (
+                    f"{len(unserved())} of {len(created)} namespaces created around the operator's start "
+                    f"never served: {unserved()[:5]}; operator log: {op.tail(20)}"
+                ),
+            )
+            figure("namespaces created around a start", f"{len(created)}, all served")
+    finally:
+        healthy.set()
+        thread.join(60)
+        for ns in created:
+            cluster.delete_namespace(ns)
 
 
 # --------------------------------------------------------------------------- 2. apiserver restart
