@@ -17,6 +17,9 @@ from pydantic import BaseModel
 from . import api
 
 MAX_NAME_LENGTH = 55  # NAME-preview, NAME-canary must stay DNS-1035 labels (<= 63)
+#: Services are named after the ModelDeployment, so its name must be a DNS-1035 label (no dots, no
+#: leading digit), which is stricter than the DNS-1123 subdomain the API server checks for any object.
+DNS_1035_LABEL = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready", "description": "Ready/desired pods."},
@@ -142,7 +145,12 @@ def openapi_schema() -> dict[str, Any]:
                 f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
                 "(Services NAME-canary and NAME-preview are derived from it)",
-            )
+            ),
+            api.cel(
+                f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+                "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with "
+                "a letter (no dots), because the Services are named after it",
+            ),
         ],
     }
 
@@ -244,6 +252,10 @@ def render_api_reference() -> str:
         "`kubectl explain modeldeployment.spec` shows the same descriptions.",
         "",
         schema["description"],
+        "",
+        "## metadata",
+        "",
+        *(f"- rule: {rule['message']}" for rule in schema.get("x-kubernetes-validations", [])),
         "",
     ]
     for section in ("spec", "status"):

@@ -2,10 +2,10 @@
 a subprocess of its own (namespaces ``rel-*``, its own client identity so the audit log attributes
 its writes to it).
 
-* ``test_hostile_manifests_are_refused_or_reported``: 49 hand-written invalid manifests plus 60 drawn
+* ``test_hostile_manifests_are_refused_or_reported``: 51 hand-written invalid manifests plus 60 drawn
   by a property-based generator over the CRD schema (the one of tests/unit/test_hostile_input.py),
   sent raw to the API server (server-side dry run): refused with a message naming the field, or
-  accepted only when the operator's own model accepts what was stored too. Then ten valid-but-odd
+  accepted only when the operator's own model accepts what was stored too. Then nine valid-but-odd
   objects (unicode, boundary numbers, a 3000-level nested affinity, children the API server refuses,
   ...) are created for real: each ends reported in status (Ready, Degraded or Failed, with the
   reason), the operator neither crashes nor spins (no Traceback, no reconcile error, no write at
@@ -291,6 +291,9 @@ REFUSED: list[tuple[str, Any, str]] = [
     ),
     ("name too long", _manifest(BASE_SPEC, name="a" * 56), "metadata.name must be at most 55"),
     ("name not DNS", _manifest(BASE_SPEC, name="Bad_Name"), "metadata.name"),
+    # A valid object name, but not as the name of its Services (which are named after it).
+    ("name with dots", _manifest(BASE_SPEC, name="odd.dots"), "metadata.name must be a DNS-1035 label"),
+    ("name with leading digit", _manifest(BASE_SPEC, name="1st-model"), "DNS-1035"),
     (
         "spec missing",
         {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelDeployment", "metadata": {"name": "x"}},
@@ -417,7 +420,6 @@ ODD_BUT_VALID: list[tuple[str, dict[str, Any], set[str], str | None]] = [
     ),
     # The CRD does not carry the model's map-key lengths: the API server accepts this, the operator's
     # model refuses it, and says so in status.
-    ("odd.dots", BASE_SPEC, {"Degraded"}, "DNS-1035"),
     (
         "odd-long-key",
         _with({"model": {"config": {"parameters": {"k" * 129: "v"}}}}),

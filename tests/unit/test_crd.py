@@ -229,6 +229,26 @@ def test_cel_name_length_fits_derived_service_names(schema: dict[str, Any]) -> N
     assert len(f"{'x' * crdgen.MAX_NAME_LENGTH}-canary") <= 63
 
 
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("resnet", True),
+        ("a", True),
+        ("a-1", True),
+        ("odd.dots", False),
+        ("1abc", False),
+        ("abc-", False),
+        ("Bad", False),
+        ("a_b", False),
+    ],
+)
+def test_cel_name_is_a_dns_1035_label(schema: dict[str, Any], name: str, ok: bool) -> None:
+    rule = next(r for r in _rules(schema) if "self.metadata.name.matches" in r)
+    assert crdgen.DNS_1035_LABEL in rule
+    # The pattern is plain RE2 and means the same in Python's re.
+    assert bool(re.match(crdgen.DNS_1035_LABEL, name)) is ok
+
+
 def test_enums_come_from_the_api(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     assert set(spec["model"]["properties"]["format"]["enum"]) == {f.value for f in api.ModelFormat}
