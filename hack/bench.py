@@ -70,9 +70,8 @@ class Bench:
         )
         install_crd(self.cluster)
         self.custom, self.core, self.apps = self.cluster.custom, self.cluster.core, self.cluster.apps
-        # The first namespace exists before the operator starts: kopf (1.45) misses a namespace created
-        # between its initial namespace list and the start of its namespace watch, tens of milliseconds
-        # after the operator reports healthy (seen here about one start in four).
+        # The first namespace exists before the operator starts, so no figure includes its start-up
+        # (nor kopf's namespace list-then-watch gap, which modeldeploy.kopfpatch closes).
         self.first_namespace = self.namespace("bench-create")
         op_kubeconfig = self.cp.issue_kubeconfig("operator", OPERATOR_USER)
         self.op = OperatorProcess(
