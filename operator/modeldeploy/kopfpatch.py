@@ -29,29 +29,28 @@ def serve_namespaces_of_initial_listing() -> bool:
     try:
         from kopf._core.reactor import observation
     except ImportError:  # a kopf without this module: nothing to fix here, or a layout we do not know
-        log.warning(
-            "kopf's namespace observation was not found: namespaces created during start-up may be missed"
-        )
+        log.warning("kopf's namespace observation was not found: %s", _STAYS)
         return False
     current = observation.process_discovered_namespace_event
     if getattr(current, _MARK, False):
         return True
     revise = getattr(observation, "revise_namespaces", None)
-    if revise is None or not {"raw_events", "insights", "namespaces"} <= set(
-        inspect.signature(revise).parameters
-    ):
-        log.warning(
-            "kopf's namespace observation changed shape: namespaces created during start-up may be missed"
-        )
+    wanted = {"raw_events", "insights", "namespaces"}
+    if revise is None or not wanted <= set(inspect.signature(revise).parameters):
+        log.warning("kopf's namespace observation changed shape: %s", _STAYS)
         return False
 
     async def process_discovered_namespace_event(
         *, raw_event: Any, namespaces: Any, insights: Any, **_: Any
     ) -> None:
-        # Unlike kopf's: the events of the watch's initial listing (type None) count too.
+        # Unlike kopf's: the events of the watch's initial listing (type None) count too. Those of them
+        # kopf already serves change nothing and wake nobody (kopf re-plans its watches on every wake-up).
+        name = raw_event["object"]["metadata"]["name"]
         async with insights.revised:
+            served = name in insights.namespaces  # an event only ever adds or removes its own namespace
             revise(raw_events=[raw_event], insights=insights, namespaces=namespaces)
-            insights.revised.notify_all()
+            if raw_event["type"] is not None or (name in insights.namespaces) != served:
+                insights.revised.notify_all()
 
     setattr(process_discovered_namespace_event, _MARK, True)
     observation.process_discovered_namespace_event = process_discovered_namespace_event

@@ -57,3 +57,39 @@ def test_watch_events_still_add_and_remove() -> None:
         _event("team-b", "MODIFIED", deletionTimestamp="2026-01-01T00:00:00Z", finalizers=["x"]),
     )
     assert insights.namespaces == {"team-b"}
+
+
+def test_listing_of_already_served_namespaces_wakes_nobody() -> None:
+    """kopf re-plans its watches on every wake-up: the watch's initial listing repeats the namespaces of
+    the first listing (all of them, on a big cluster), and those must not each wake it."""
+    assert kopfpatch.serve_namespaces_of_initial_listing()
+
+    async def run() -> list[str]:
+        insights = references.Insights()
+        insights.namespaces.update({"team-a", "team-b"})
+        wakeups: list[str] = []
+        ready = asyncio.Event()
+
+        async def waiter() -> None:
+            async with insights.revised:
+                while True:
+                    ready.set()
+                    await insights.revised.wait()
+                    wakeups.append(",".join(sorted(n for n in insights.namespaces if n)))
+
+        task = asyncio.create_task(waiter())
+        await ready.wait()
+        for ev in (_event("team-a", None), _event("team-b", None), _event("other", None)):
+            await observation.process_discovered_namespace_event(
+                raw_event=ev, namespaces=["team-*"], insights=insights
+            )
+            await asyncio.sleep(0)  # let a woken waiter run
+        await observation.process_discovered_namespace_event(
+            raw_event=_event("team-c", None), namespaces=["team-*"], insights=insights
+        )
+        for _ in range(3):
+            await asyncio.sleep(0)
+        task.cancel()
+        return wakeups
+
+    assert asyncio.run(run()) == ["team-a,team-b,team-c"]
