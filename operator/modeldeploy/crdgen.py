@@ -111,6 +111,13 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = _structural(value, defs)
         else:
             out[key] = value
+    key_max = (node.get("propertyNames") or {}).get("maxLength")
+    if key_max is not None:
+        # A structural schema has no propertyNames: a map's key length is checked by CEL instead.
+        rule = api.cel(
+            f"self.all(k, size(k) <= {key_max})", f"every key must be at most {key_max} characters"
+        )
+        out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), rule]
     if out.get("type") == "object" and "properties" in out and "additionalProperties" in out:
         del out["additionalProperties"]
     if out.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" in out:

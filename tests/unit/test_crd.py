@@ -249,6 +249,26 @@ def test_cel_name_is_a_dns_1035_label(schema: dict[str, Any], name: str, ok: boo
     assert bool(re.match(crdgen.DNS_1035_LABEL, name)) is ok
 
 
+def test_map_key_lengths_of_the_model_are_cel_rules(schema: dict[str, Any]) -> None:
+    """A structural schema cannot say how long a map's keys may be (no propertyNames), so every map
+    whose keys the model bounds carries the bound as a CEL rule, and admission refuses what the
+    operator's model would."""
+    maps = {
+        path: node
+        for path, node in nodes(schema)
+        if isinstance(node.get("additionalProperties"), dict) and not path.startswith(".status")
+    }
+    bounded = {path: _rules(node) for path, node in maps.items() if node.get("maxProperties")}
+    assert bounded[".spec.server.podLabels"] == ["self.all(k, size(k) <= 317)"]
+    assert bounded[".spec.model.config.parameters"] == ["self.all(k, size(k) <= 128)"]
+    assert bounded[".spec.server.resources.requests"] == ["self.all(k, size(k) <= 253)"]
+    missing = [
+        path for path, rules in bounded.items() if not any("self.all(k, size(k) <=" in r for r in rules)
+    ]
+    assert not missing, missing
+    assert len(bounded) >= 9
+
+
 def test_enums_come_from_the_api(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     assert set(spec["model"]["properties"]["format"]["enum"]) == {f.value for f in api.ModelFormat}
