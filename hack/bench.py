@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,17 @@ class Bench:
         self.cluster.delete_namespace(name, wait=True, timeout=600)
 
     def operator_writes(self) -> int:
-        return sum(
-            1
-            for ev in localcluster.iter_audit_events(self.cp.audit_log)
-            if ev.get("user", {}).get("username") == OPERATOR_USER
-        )
+        return len(self.operator_write_kinds())
+
+    def operator_write_kinds(self) -> list[str]:
+        """Every API write of the operator so far, as "verb resource[/subresource]"."""
+        out = []
+        for ev in localcluster.iter_audit_events(self.cp.audit_log):
+            if ev.get("user", {}).get("username") == OPERATOR_USER:
+                ref = ev.get("objectRef") or {}
+                sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
+                out.append(f"{ev.get('verb')} {ref.get('resource')}{sub}")
+        return out
 
     def operator_rss_mb(self) -> tuple[float, float]:
         assert self.op.proc is not None
@@ -314,13 +321,34 @@ class Bench:
                 counts[user] = counts.get(user, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
-    def steady(self, seconds: float) -> dict[str, float]:
-        before = self.operator_writes()
+    def steady(self, seconds: float, quiet: float = 5, settle_timeout: float = 120) -> dict[str, Any]:
+        """Writes per minute once idle. Writes of the burst still in flight when the last pod turned
+        Ready (queued Events, a last status patch) are not idle-state writes: first wait until the
+        operator has written nothing for ``quiet`` seconds (reported, with what they were), then count
+        over ``seconds`` (the bench's resync period is 60 s, so a window of 60 s includes a resync)."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
+        start = self.operator_writes()
+        last, last_change = start, t0
+        while time.monotonic() - last_change < quiet and time.monotonic() - t0 < settle_timeout:
+            time.sleep(0.5)
+            now = self.operator_writes()
+            if now != last:
+                last, last_change = now, time.monotonic()
+        late = Counter(self.operator_write_kinds()[start:last])
+        before = self.operator_write_kinds()
+        t1 = time.monotonic()
+        while time.monotonic() - t1 < seconds:
             time.sleep(1)
-        writes = self.operator_writes() - before
-        return {"seconds": seconds, "writes": writes, "writes_per_min": writes * 60 / seconds}
+        window = Counter(self.operator_write_kinds()[len(before) :])
+        writes = sum(window.values())
+        return {
+            "seconds": seconds,
+            "writes": writes,
+            "writes_per_min": writes * 60 / seconds,
+            "kinds": dict(window),
+            "settled_s": round(t1 - t0, 1),
+            "late_burst_writes": dict(late),
+        }
 
     def rollback_reaction(self) -> dict[str, float]:
         ns = self.namespace("bench-rollback")
@@ -438,9 +466,16 @@ def report(results: dict[str, Any]) -> None:
             print(f"{'':<21}CPU seconds: {cpu}")
             print(f"{'':<21}API writes: {writes}")
     s = results["steady"]
+    kinds = ", ".join(f"{k} {v}" for k, v in s["kinds"].items())
+    late = ", ".join(f"{k} {v}" for k, v in s["late_burst_writes"].items()) or "none"
     print(
         f"steady state        {s['writes_per_min']:.1f} operator writes/min with "
-        f"{s['modeldeployments']} idle ModelDeployments ({s['writes']} in {s['seconds']:.0f} s)"
+        f"{s['modeldeployments']} idle ModelDeployments ({s['writes']} in {s['seconds']:.0f} s"
+        f"{': ' + kinds if kinds else ''})"
+    )
+    print(
+        f"{'':<20}counted once the operator was quiet for 5 s ({s['settled_s']} s after the last pod was "
+        f"Ready); burst writes still landing until then: {late}"
     )
     r = results["operator_rss_mb"]
     print(
