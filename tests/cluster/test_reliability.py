@@ -1111,6 +1111,14 @@ def test_namespaces_created_during_startup_are_all_served(
         thread.join(60)
         for ns in created:
             cluster.delete_namespace(ns)
+        # Waited for: a backlog of namespace deletions would slow the controllers in the tests that follow
+        # (a canary test once missed a 4 s step because its EndpointSlice came late).
+        wait_for(
+            lambda: not [n for n in cluster.core.list_namespace().items if n.metadata.name in created],
+            300,
+            interval=2,
+            message="the namespaces of this test deleted",
+        )
 
 
 # --------------------------------------------------------------------------- 2. apiserver restart
