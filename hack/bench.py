@@ -95,13 +95,11 @@ class Bench:
         """Delete a namespace and wait until it is gone, so later figures see only what they create."""
         self.cluster.delete_namespace(name, wait=True, timeout=600)
 
-    def operator_writes(self) -> int:
-        return len(self.operator_write_kinds())
-
-    def operator_write_kinds(self) -> list[str]:
-        """Every API write of the operator so far, as "verb resource[/subresource]"."""
+    def operator_write_kinds(self, since: int) -> list[str]:
+        """The operator's API writes after byte offset ``since`` of the audit log, each as
+        "verb resource[/subresource]"."""
         out = []
-        for ev in localcluster.iter_audit_events(self.cp.audit_log):
+        for ev in localcluster.iter_audit_events(self.cp.audit_log, since):
             if ev.get("user", {}).get("username") == OPERATOR_USER:
                 ref = ev.get("objectRef") or {}
                 sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
@@ -308,38 +306,30 @@ class Bench:
 
     def writes_by_identity(self, since: int, namespace: str) -> dict[str, int]:
         """API writes in ``namespace`` after byte offset ``since`` of the audit log, by client identity."""
-        counts: dict[str, int] = {}
-        with self.cp.audit_log.open() as f:
-            f.seek(since)
-            for line in f:
-                if not line.strip():
-                    continue
-                ev = json.loads(line)
-                if (ev.get("objectRef") or {}).get("namespace") != namespace:
-                    continue
-                user = ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
-                counts[user] = counts.get(user, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        counts = Counter(
+            ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
+            for ev in localcluster.iter_audit_events(self.cp.audit_log, since)
+            if (ev.get("objectRef") or {}).get("namespace") == namespace
+        )
+        return dict(counts.most_common())
 
     def steady(self, seconds: float, quiet: float = 5, settle_timeout: float = 120) -> dict[str, Any]:
         """Writes per minute once idle. Writes of the burst still in flight when the last pod turned
         Ready (queued Events, a last status patch) are not idle-state writes: first wait until the
         operator has written nothing for ``quiet`` seconds (reported, with what they were), then count
         over ``seconds`` (the bench's resync period is 60 s, so a window of 60 s includes a resync)."""
-        t0 = time.monotonic()
-        start = self.operator_writes()
-        last, last_change = start, t0
+        t0, settle_from = time.monotonic(), self.audit_position()
+        last, last_change = 0, t0
         while time.monotonic() - last_change < quiet and time.monotonic() - t0 < settle_timeout:
             time.sleep(0.5)
-            now = self.operator_writes()
+            now = len(self.operator_write_kinds(settle_from))
             if now != last:
                 last, last_change = now, time.monotonic()
-        late = Counter(self.operator_write_kinds()[start:last])
-        before = self.operator_write_kinds()
-        t1 = time.monotonic()
+        late = Counter(self.operator_write_kinds(settle_from))
+        t1, window_from = time.monotonic(), self.audit_position()
         while time.monotonic() - t1 < seconds:
             time.sleep(1)
-        window = Counter(self.operator_write_kinds()[len(before) :])
+        window = Counter(self.operator_write_kinds(window_from))
         writes = sum(window.values())
         return {
             "seconds": seconds,

@@ -1329,9 +1329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def iter_audit_events(path: Path) -> Iterator[dict[str, Any]]:
-    """Events of an apiserver JSON audit log (one per line)."""
+def iter_audit_events(path: Path, since: int = 0) -> Iterator[dict[str, Any]]:
+    """Events of an apiserver JSON audit log (one per line), from byte offset ``since`` (a size the
+    file had earlier: the apiserver writes whole lines)."""
     with path.open() as f:
+        f.seek(since)
         for line in f:
             if line.strip():
                 yield json.loads(line)
