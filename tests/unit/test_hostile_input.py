@@ -36,7 +36,7 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from modeldeploy import api, builders, crdgen, revision, rollout, tritonconfig
@@ -573,11 +573,16 @@ class World:
         return next(c for c in self.status().get("conditions") or [] if c["type"] == type_)
 
 
+#: Specs that validate, each reconciled: Hypothesis counts an example only when the test does not reject
+#: it, so this many are reconciled whatever share of the drawn specs the schema refuses.
+RECONCILED_EXAMPLES = 40
+
+
 def test_any_valid_spec_reconciles_without_error_and_goes_quiet() -> None:
-    seen = {"reconciled": 0}
+    seen = {"reconciled": 0, "rejected": 0}
 
     @settings(
-        max_examples=60,
+        max_examples=RECONCILED_EXAMPLES,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
         database=None,
@@ -587,9 +592,14 @@ def test_any_valid_spec_reconciles_without_error_and_goes_quiet() -> None:
         try:
             spec = api.ModelDeploymentSpec.model_validate(raw)
         except pydantic.ValidationError:
-            return
-        if spec.effective_replicas > 50:
-            return  # the stand-in kubelet would make that many pods; nothing new is learnt
+            spec = None
+        # Not this test's input (refusals are test_any_spec_validates_or_renders'). Rejected, not passed:
+        # a passing return would count toward max_examples, and how many specs got reconciled would
+        # depend on how many the generator happened to draw valid (3 of 60 on one run, 25 on another).
+        # A stand-in kubelet with more than 50 pods teaches nothing new.
+        if spec is None or spec.effective_replicas > 50:
+            seen["rejected"] += 1
+            reject()
         world = World(raw)
         writes = world.reconcile(6)
         assert writes[-1] == 0, f"still writing after {len(writes)} reconciles: {writes}"
@@ -604,7 +614,9 @@ def test_any_valid_spec_reconciles_without_error_and_goes_quiet() -> None:
 
     check()
     print(f"\nreconciled: {seen}")
-    assert seen["reconciled"] >= 5, seen
+    # Hypothesis stops early only when it gives up on the filter (under ~1% of draws valid): then the
+    # generator no longer reaches valid specs, which this test exists to exercise.
+    assert seen["reconciled"] == RECONCILED_EXAMPLES, seen
 
 
 def test_model_config_that_triton_cannot_load_is_reported_not_retried() -> None:
