@@ -3,7 +3,10 @@
 # their published Go modules through the Go module proxy, into a cache outside
 # the repository keyed by version:
 #
-#   $MODELDEPLOY_CACHE/bin/kubernetes-v$K8S_VERSION/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
+#   $MODELDEPLOY_CACHE/bin/kubernetes-v$K8S_VERSION/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl,
+#                                                  kubelet,kube-proxy}
+#   $MODELDEPLOY_CACHE/bin/containerd-v$CONTAINERD_VERSION/{containerd,containerd-shim-runc-v2,ctr}
+#   $MODELDEPLOY_CACHE/bin/coredns-v$COREDNS_VERSION/coredns
 #   $MODELDEPLOY_CACHE/bin/etcd-v$ETCD_VERSION/etcd
 #   $MODELDEPLOY_CACHE/bin/kwok-v$KWOK_VERSION/kwok
 #   $MODELDEPLOY_CACHE/bin/helm-v$HELM_VERSION/helm
@@ -12,7 +15,10 @@
 # built into a temporary directory and moved into place only when complete, so
 # an interrupted build never leaves a half-filled cache behind.
 #
-# Usage: hack/build-binaries.sh [all|kubernetes|etcd|kwok|helm]...
+# kubelet, kube-proxy, containerd and CoreDNS serve the real node of the local cluster (runc and
+# the CNI plugins come from Debian: hack/install-node-deps.sh).
+#
+# Usage: hack/build-binaries.sh [all|kubernetes|etcd|kwok|helm|containerd|coredns]...
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -43,7 +49,7 @@ build_kubernetes() {
   dir=$(tool_dir kubernetes "$K8S_VERSION")
   stamp="kubernetes v$K8S_VERSION $(sha256sum "$here/tools/k8s/go.mod" | cut -c1-16)"
   if done_already "$dir" "$stamp"; then log "kubernetes v$K8S_VERSION: cached in $dir"; return; fi
-  log "kubernetes v$K8S_VERSION: building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (cold: tens of minutes on 2 cores)"
+  log "kubernetes v$K8S_VERSION: building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy (cold: tens of minutes on 2 cores)"
   tmp=$(mktemp -d "$CACHE/bin/.kubernetes.XXXX")
   local major=${K8S_VERSION%%.*} minor
   minor=${K8S_VERSION#*.}; minor=${minor%%.*}
@@ -54,7 +60,8 @@ build_kubernetes() {
   done
   (cd "$here/tools/k8s" && go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags="$ldf" -o "$tmp/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+      k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
   finish "$tmp" "$dir" "$stamp"
   log "kubernetes v$K8S_VERSION: done"
 }
@@ -69,6 +76,31 @@ build_etcd() {
   (cd "$here/tools/etcd" && go build -trimpath -ldflags="-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
   finish "$tmp" "$dir" "$stamp"
   log "etcd v$ETCD_VERSION: done"
+}
+
+build_module() { # NAME VERSION MODULE-DIR TAGS PACKAGE... (a pinned tools module under hack/tools)
+  local name=$1 version=$2 moddir=$here/tools/$3 tags=$4 dir stamp tmp
+  shift 4
+  dir=$(tool_dir "$name" "$version")
+  stamp="$name v$version $(find "$moddir" -maxdepth 1 \( -name go.mod -o -name '*.go' \) | sort | xargs cat | sha256sum | cut -c1-16)"
+  if done_already "$dir" "$stamp"; then log "$name v$version: cached in $dir"; return; fi
+  log "$name v$version: building $*"
+  tmp=$(mktemp -d "$CACHE/bin/.$name.XXXX")
+  (cd "$moddir" && go build -trimpath -tags="$tags" -ldflags="-s -w" -o "$tmp/" "$@")
+  finish "$tmp" "$dir" "$stamp"
+  log "$name v$version: done"
+}
+
+build_containerd() {
+  # cgo off: runc (cgo, libseccomp) is Debian's; the snapshotters needing cgo are left out.
+  build_module containerd "$CONTAINERD_VERSION" containerd no_btrfs,no_devmapper,no_zfs \
+    github.com/containerd/containerd/v2/cmd/containerd \
+    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+    github.com/containerd/containerd/v2/cmd/ctr
+}
+
+build_coredns() {
+  build_module coredns "$COREDNS_VERSION" coredns "" .
 }
 
 build_goinstall() { # NAME VERSION PACKAGE
@@ -90,11 +122,14 @@ targets=("$@")
 for t in "${targets[@]}"; do
   case "$t" in
     all) build_etcd; build_goinstall kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-         build_goinstall helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_kubernetes ;;
+         build_goinstall helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_kubernetes
+         build_containerd; build_coredns ;;
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
     kwok) build_goinstall kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok ;;
     helm) build_goinstall helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
+    containerd) build_containerd ;;
+    coredns) build_coredns ;;
     *) echo "unknown target: $t" >&2; exit 2 ;;
   esac
 done
