@@ -11,7 +11,7 @@ export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
 CLUSTER_DIR ?= .cluster
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image bench clean
+.PHONY: help venv binaries cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image images bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ chart-check: binaries ## helm lint --strict + template for every values layout; 
 
 image: ## build the operator image (needs a Docker engine)
 	docker build -t ghcr.io/modeldeploy/operator:$$($(PY) -c 'import modeldeploy;print(modeldeploy.__version__)') .
+
+images: venv ## build the pause, triton and operator OCI archives without Docker (root; cached under $(MODELDEPLOY_CACHE)/images)
+	$(PY) hack/images.py build all
 
 clean: cluster-down ## remove local state (not the binary cache)
 	rm -rf $(CLUSTER_DIR) .pytest_cache .mypy_cache .ruff_cache
