@@ -244,6 +244,8 @@ def build_pod_template(
                 "volumeMounts": stage_mounts,
                 "securityContext": RESTRICTED_CONTAINER_SECURITY,
                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+                # the stager's error line becomes the termination message the operator reports
+                "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         )
     else:
@@ -266,6 +268,8 @@ def build_pod_template(
         "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
         "volumeMounts": mounts,
         "securityContext": RESTRICTED_CONTAINER_SECURITY,
+        # Triton's last log lines (e.g. why a model failed to load) become the termination message
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if server.image_pull_policy:
         container["imagePullPolicy"] = server.image_pull_policy

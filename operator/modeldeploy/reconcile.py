@@ -222,6 +222,65 @@ def needs_apply(live: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- observation
 
 
+# A container waiting for one of these will not start without a change to the spec or the node.
+_STUCK_WAITING = frozenset(
+    {
+        "ErrImageNeverPull",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+    }
+)
+_MESSAGE_CHARS = 400
+
+
+def _last_lines(text: str, limit: int = _MESSAGE_CHARS) -> str:
+    """The end of a termination message (kubelet keeps the log tail there with
+    FallbackToLogsOnError): where a stager or Triton says why it stopped."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    out = ""
+    for line in reversed(lines):
+        candidate = f"{line} | {out}" if out else line
+        if len(candidate) > limit:
+            break
+        out = candidate
+    return out or (lines[-1][-limit:] if lines else "")
+
+
+def pod_failure(pod: dict[str, Any]) -> str | None:
+    """Why this pod's revision cannot become ready, read from the running pod: an init container
+    (the model stager) or the server crash-looping, with the reason the process gave on its way
+    out, or a container whose image or configuration cannot be used. None while it may still come
+    up."""
+    pstatus = pod.get("status") or {}
+    name = pod["metadata"]["name"]
+    for key, kind in (("initContainerStatuses", "init container"), ("containerStatuses", "container")):
+        for cs in pstatus.get(key) or []:
+            state = cs.get("state") or {}
+            waiting = state.get("waiting") or {}
+            restarts = cs.get("restartCount", 0)
+            if waiting.get("reason") in _STUCK_WAITING:
+                detail = _last_lines(waiting.get("message") or "")
+                return f"{waiting['reason']}: {kind} {cs.get('name')} of pod {name}" + (
+                    f": {detail}" if detail else ""
+                )
+            crashloop = waiting.get("reason") == "CrashLoopBackOff" or (
+                restarts >= rollout.CRASHLOOP_RESTARTS and not cs.get("ready")
+            )
+            if not crashloop:
+                continue
+            last = (cs.get("lastState") or {}).get("terminated") or state.get("terminated") or {}
+            detail = _last_lines(last.get("message") or "")
+            exit_code = last.get("exitCode")
+            return (
+                f"CrashLoopBackOff: {kind} {cs.get('name')} of pod {name} restarted {restarts} times"
+                + (f" (exit code {exit_code})" if exit_code is not None else "")
+                + (f": {detail}" if detail else "")
+            )
+    return None
+
+
 def observe_revision(
     dep: dict[str, Any] | None, pods: Iterable[dict[str, Any]]
 ) -> rollout.RevisionObservation:
@@ -241,15 +300,7 @@ def observe_revision(
             c.get("type") == "Ready" and c.get("status") == "True" for c in pstatus.get("conditions") or []
         ):
             ready += 1
-        for cs in pstatus.get("containerStatuses") or []:
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") == "CrashLoopBackOff" or (
-                cs.get("restartCount", 0) >= rollout.CRASHLOOP_RESTARTS and not cs.get("ready")
-            ):
-                failure = (
-                    f"CrashLoopBackOff: container {cs.get('name')} of pod {pod['metadata']['name']} "
-                    f"restarted {cs.get('restartCount', 0)} times"
-                )
+        failure = pod_failure(pod) or failure
     desired = (dep.get("spec") or {}).get("replicas", 1)
     generation_seen = dstatus.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
     updated = dstatus.get("updatedReplicas", 0) if generation_seen else 0
