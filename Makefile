@@ -11,7 +11,7 @@ export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
 CLUSTER_DIR ?= .cluster
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image images bench clean
+.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image images bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,7 +27,10 @@ venv: $(VENV)/.installed ## create .venv with the package and test tools
 binaries: ## build the Go control-plane binaries once, cached under $(MODELDEPLOY_CACHE)
 	hack/build-binaries.sh all
 
-cluster-up: venv binaries ## start the local control plane in the background (kubeconfig: .cluster/kubeconfig)
+node-deps: ## Debian packages of the real node and the image builds (runc, CNI plugins, iptables, mmdebstrap; root)
+	@hack/install-node-deps.sh || echo "node-deps: not installed (the real node will say why it cannot start)" >&2
+
+cluster-up: venv binaries node-deps ## start the local control plane (+ the real node where possible) in the background
 	$(PY) hack/localcluster.py up --dir $(CLUSTER_DIR)
 
 cluster-down: ## stop the local control plane
@@ -36,7 +39,7 @@ cluster-down: ## stop the local control plane
 demo: venv binaries ## the main job on the local cluster
 	hack/demo.sh
 
-test: venv binaries ## run every test tier (cluster tests included)
+test: venv binaries node-deps ## run every test tier (cluster and real-node tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv ## pure unit tests only, no cluster

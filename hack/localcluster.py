@@ -76,6 +76,7 @@ HACK_DIR = Path(__file__).resolve().parent
 if str(HACK_DIR) not in sys.path:  # loaded from its file path under another name
     sys.path.append(str(HACK_DIR))
 
+import realnode  # noqa: E402
 from procutil import cache_dir, popen_logged  # noqa: E402
 
 # re-exported: public helpers of this module (tests call localcluster.free_ports)
@@ -88,6 +89,7 @@ SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.0/16"
 NODE_IP_DEFAULT = "10.0.0.1"
+FAKE_NODE_IP_RANGE = "10.0.0.0/24"  # kwok's node IP and the fake nodes' (blackholed beside a real node)
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 # Client-side rate limits of kube-controller-manager and kube-scheduler (defaults 20/30 and 50/100).
@@ -273,6 +275,18 @@ def node_schedulable(node: Mapping[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# Images the real node needs before any pod: the sandbox (pause) image
+
+
+def sandbox_image() -> tuple[str, Path]:
+    """(reference, OCI archive) of the locally built pause image (built once, cached by content)."""
+    import images  # hack/images.py: needs gcc, not needed without a real node
+
+    built = images.build("pause")
+    return built.ref, built.archive
+
+
+# --------------------------------------------------------------------------------------------------
 # Binaries
 
 
@@ -402,7 +416,7 @@ class Pki:
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
     )
-    SERVING_IPS: ClassVar[tuple[str, ...]] = ("127.0.0.1", KUBERNETES_SERVICE_IP)
+    SERVING_IPS: ClassVar[tuple[str, ...]] = ("127.0.0.1", KUBERNETES_SERVICE_IP, realnode.NODE_IP)
 
     @property
     def ca_cert(self) -> Path:
@@ -745,8 +759,10 @@ class LocalControlPlane:
         stop_at_exit: bool = True,
         detached: bool = False,
         timeout: float = 180.0,
+        real_node: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.real_node = real_node
         self.cache = cache
         self.nodes: tuple[FakeNode, ...] = tuple(nodes)
         self.stop_at_exit = stop_at_exit
@@ -761,6 +777,22 @@ class LocalControlPlane:
         self.peak_rss_total = 0
         self.peak_rss: dict[str, int] = {}
         self._atexit_registered = False
+        self._node: realnode.RealNode | None = None
+        self.context_name = CONTEXT_NAME
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The processes of this control plane in start order (the real node's last)."""
+        return self.ORDER + (realnode.RealNode.PROCESSES if self.real_node else ())
+
+    @property
+    def node(self) -> realnode.RealNode:
+        """The real node (``real_node=True``)."""
+        if self._node is None:
+            versions = read_versions()
+            bins = realnode.NodeBinaries.locate(self.cache or default_cache(), versions)
+            self._node = realnode.RealNode(self, bins)
+        return self._node
 
     # ---- paths -----------------------------------------------------------------------------------
 
@@ -816,6 +848,10 @@ class LocalControlPlane:
         if any(p.alive() for p in self.processes.values()):
             raise ControlPlaneError(f"control plane in {self.workdir} is already running")
         binaries = self.binaries  # fail early, before touching anything
+        if self.real_node:
+            reason = realnode.unavailable_reason(self.node.binaries.as_dict())
+            if reason:
+                raise realnode.RealNodeUnavailable(reason)
         self._prepare_workdir(binaries)
         self.timings = {}
         t0 = time.monotonic()
@@ -845,6 +881,16 @@ class LocalControlPlane:
             self.timings["nodes ready"] = time.monotonic() - t0
             self._wait("serviceaccount default/default", self._default_sa_exists, list(self.ORDER))
             self.timings["default serviceaccount"] = time.monotonic() - t0
+            if self.real_node:
+                node_t0 = time.monotonic() - t0
+                self.node.start(
+                    pod_cidr=POD_CIDR,
+                    service_cidr=SERVICE_CLUSTER_IP_RANGE,
+                    fake_node_cidr=FAKE_NODE_IP_RANGE,
+                    sandbox_image=sandbox_image,
+                )
+                for name, secs in self.node.timings.items():
+                    self.timings[f"real node {name}"] = node_t0 + secs
         except BaseException:
             self.stop()
             raise
@@ -862,7 +908,12 @@ class LocalControlPlane:
             self._sampler.join(timeout=5)
             self._sampler = None
         errors: list[str] = []
-        for name in reversed(self.ORDER):
+        if self.real_node or (self.workdir / "node" / "created.json").exists():
+            try:
+                self.node.stop()
+            except (realnode.RealNodeError, ControlPlaneError) as e:
+                errors.append(f"real node: {e}")
+        for name in reversed(self.components):
             proc = self.processes.get(name)
             if proc is None:
                 continue
@@ -902,7 +953,7 @@ class LocalControlPlane:
 
     def is_running(self) -> bool:
         return bool(self.processes) and all(
-            name in self.processes and self.processes[name].alive() for name in self.ORDER
+            name in self.processes and self.processes[name].alive() for name in self.components
         )
 
     def __enter__(self) -> LocalControlPlane:
@@ -922,7 +973,8 @@ class LocalControlPlane:
             "server": self.server,
             "ports": self.ports,
             "timings": self.timings,
-            "processes": [self.processes[n].state() for n in self.ORDER if n in self.processes],
+            "real_node": self.real_node,
+            "processes": [self.processes[n].state() for n in self.components if n in self.processes],
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -938,6 +990,7 @@ class LocalControlPlane:
             return cp
         cp.ports = {k: int(v) for k, v in state.get("ports", {}).items()}
         cp.timings = {k: float(v) for k, v in state.get("timings", {}).items()}
+        cp.real_node = bool(state.get("real_node"))
         for data in state.get("processes", []):
             proc = ManagedProcess.from_state(data)
             cp.processes[proc.name] = proc
@@ -1011,8 +1064,11 @@ class LocalControlPlane:
         (wd / "etcd").mkdir(mode=0o700)
         for name, path in binaries.items():
             (self.bin_path / name).symlink_to(path)
-        self.ports = dict(zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True))
+        port_names = self.PORT_NAMES + (realnode.RealNode.PORT_NAMES if self.real_node else ())
+        self.ports = dict(zip(port_names, free_ports(len(port_names)), strict=True))
         pki = Pki.generate(wd / "pki")
+        if self.real_node:
+            self.node.issue_credentials(pki, self.server, kubeconfig_dict)
         self.kubeconfig.write_text(
             yaml.safe_dump(
                 kubeconfig_dict(self.server, pki.ca_cert, pki.admin_cert, pki.admin_key, ADMIN_USER)
@@ -1060,10 +1116,17 @@ class LocalControlPlane:
         return [
             str(self.binaries.kube_apiserver),
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1",
             f"--secure-port={self.ports['apiserver']}",
-            "--advertise-address=127.0.0.1",
-            "--endpoint-reconciler-type=none",
+            *(
+                realnode.RealNode.apiserver_flags(pki.directory)
+                if self.real_node
+                else [
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    "--endpoint-reconciler-type=none",
+                    "--authorization-mode=RBAC",
+                ]
+            ),
             f"--cert-dir={wd / 'run' / 'apiserver'}",
             f"--tls-cert-file={pki.admin_cert}",
             f"--tls-private-key-file={pki.admin_key}",
@@ -1072,7 +1135,6 @@ class LocalControlPlane:
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--authorization-mode=RBAC",
             "--allow-privileged=true",
             # Aggregation layer / request-header authentication (also read by KCM and scheduler).
             f"--requestheader-client-ca-file={pki.ca_cert}",
@@ -1142,11 +1204,14 @@ class LocalControlPlane:
             f"--server-address=127.0.0.1:{self.ports['kwok']}",
         ]
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> None:
         proc = ManagedProcess(name=name, argv=argv, log=self.logs_dir / f"{name}.log")
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        env.update(extra_env or {})
         proc.spawn(self.workdir, env, die_with_parent=not self.detached)
         self.processes[name] = proc
+        if self.detached:  # `down` finds what a start that died half-way had spawned
+            self.save_state()
 
     def _wait(self, what: str, check: Callable[[], bool], watch: Sequence[str]) -> None:
         deadline = time.monotonic() + self.timeout
@@ -1252,16 +1317,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if existing.processes:
         print("cleaning up a partly stopped control plane", file=sys.stderr)
         existing.stop()
+    cache = Path(args.cache) if args.cache else None
+    real_node = args.real_node != "off"
+    if args.real_node == "auto":
+        probe = LocalControlPlane(workdir, cache, stop_at_exit=False, detached=True, real_node=True)
+        reason = realnode.unavailable_reason(probe.node.binaries.as_dict())
+        if reason:
+            print(
+                f"real node: not started on this machine: {reason}; kwok's fake nodes only", file=sys.stderr
+            )
+            real_node = False
     cp = LocalControlPlane(
-        workdir,
-        Path(args.cache) if args.cache else None,
-        stop_at_exit=False,
-        detached=True,
-        timeout=args.timeout,
+        workdir, cache, stop_at_exit=False, detached=True, timeout=args.timeout, real_node=real_node
     )
     try:
         cp.start()
-    except ControlPlaneError as e:
+    except (ControlPlaneError, realnode.RealNodeError, realnode.RealNodeUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cp.save_state()
@@ -1275,11 +1346,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_down(args: argparse.Namespace) -> int:
     cp = LocalControlPlane.attach(Path(args.dir))
-    if not cp.processes:
+    node_left = (cp.workdir / "node" / "created.json").exists()
+    if not cp.processes and not node_left:
         print(f"no control plane recorded in {cp.workdir}")
         return 0
     running = [n for n, p in cp.processes.items() if p.alive()]
-    cp.stop()
+    try:
+        cp.stop()
+    except ControlPlaneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"stopped {', '.join(running) if running else 'nothing (all were already gone)'}")
     return 0
 
@@ -1289,7 +1365,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not cp.processes:
         print(f"no control plane recorded in {cp.workdir}")
         return 3
-    for name in cp.ORDER:
+    for name in cp.components:
         proc = cp.processes.get(name)
         state = "missing" if proc is None else ("running" if proc.alive() else "dead")
         pid = proc.pid if proc else "-"
@@ -1324,6 +1400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "up":
             p.add_argument("--cache", default=None, help="binary cache (default $MODELDEPLOY_CACHE)")
             p.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per start phase")
+            p.add_argument(
+                "--real-node",
+                choices=("auto", "on", "off"),
+                default="auto",
+                help="a real node (kubelet, containerd) beside the fake ones: auto = where this machine can",
+            )
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

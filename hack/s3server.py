@@ -127,7 +127,8 @@ class AccessKey:
 
 @dataclass
 class S3Server(ServerProcess):
-    """moto's server on 127.0.0.1:<port>, logging to ``workdir/moto.log``."""
+    """moto's server on ``host`` (default 127.0.0.1; the real node's IP for pods to reach it):<port>,
+    logging to ``workdir/moto.log``."""
 
     label = "moto server"
     tail_lines = 30
@@ -135,17 +136,20 @@ class S3Server(ServerProcess):
     python: Path
     workdir: Path
     port: int
+    host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     ready_seconds: float | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, python: Path, workdir: Path, *, ready_timeout: float = 60.0) -> S3Server:
+    def start(
+        cls, python: Path, workdir: Path, *, ready_timeout: float = 60.0, host: str = "127.0.0.1"
+    ) -> S3Server:
         workdir.mkdir(parents=True, exist_ok=True)
 
         def launch() -> S3Server:
-            server = cls(python=python, workdir=workdir, port=free_port())
+            server = cls(python=python, workdir=workdir, port=free_port(), host=host)
             server._spawn()
             return server
 
@@ -160,12 +164,12 @@ class S3Server(ServerProcess):
     def _spawn(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
         env["PYTHONUNBUFFERED"] = "1"
-        argv = [str(self.python), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        argv = [str(self.python), "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
         self._launch(argv, cwd=self.workdir, env=env, header=False)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:

@@ -35,6 +35,7 @@ if str(HACK_DIR) not in sys.path:
     sys.path.insert(0, str(HACK_DIR))
 
 import localcluster  # noqa: E402
+import realnode  # noqa: E402
 from localcluster import (  # noqa: E402
     FAKE_NODES,
     BinariesMissing,
@@ -442,13 +443,15 @@ def tools_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_local(workdir: Path) -> Cluster:
-    cp = LocalControlPlane(workdir)
+def start_local(workdir: Path, *, real_node: bool = False) -> Cluster:
+    """The local control plane; with ``real_node`` also a real node (kubelet, containerd) beside the
+    fake ones (``hack/realnode.py``)."""
+    cp = LocalControlPlane(workdir, real_node=real_node)
     try:
         cp.start()
-    except (BinariesMissing, ControlPlaneError) as e:
+    except (BinariesMissing, ControlPlaneError, realnode.RealNodeUnavailable, realnode.RealNodeError) as e:
         raise ClusterUnavailable(str(e)) from e
-    return Cluster(cp.kubeconfig, cp.env(), backend="local", simulated=True, control_plane=cp)
+    return Cluster(cp.kubeconfig, cp.env(), backend="local", simulated=not real_node, control_plane=cp)
 
 
 def attach_existing(kubeconfig: str | None, backend: str, timeout: float = 20) -> Cluster:

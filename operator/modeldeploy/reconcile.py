@@ -634,6 +634,9 @@ class Reconciler:
                 new_status.message = (
                     f"serving revision {new_state.stable_revision}; the API server refused {detail}"[:2048]
                 )
+        if new_status.phase == "Failed" and old_status.phase != "Failed":
+            # the first revision cannot start (what its pods say): an Event, once per failure
+            events.append(("Warning", "RevisionFailed", new_status.message or "revision failed"))
         if new_status != old_status:
             changed = [
                 k for k in type(new_status).model_fields if getattr(new_status, k) != getattr(old_status, k)

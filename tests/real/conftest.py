@@ -1,0 +1,94 @@
+"""Real tier: a real node (kubelet, containerd, runc) beside kwok's fake ones, real containers.
+
+The ``cluster`` fixture here overrides the session one for this folder: a local control plane
+*with* its real node (``hack/realnode.py``), started once for the tier. The operator and Triton
+images are built without Docker (``hack/images.py``, cached by content) and imported into the
+node's containerd. Where the node cannot run (not root, a missing package), the tier is skipped
+with the reason, except in CI (``MODELDEPLOY_REQUIRE_CLUSTER=1`` or
+``MODELDEPLOY_REQUIRE_REAL_NODE=1``), where it fails with it.
+
+One real node per host at a time: ``test_lifecycle.py`` (first in this folder) brings up and
+tears down clusters of its own before the session cluster here starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kube
+from hackmods import load_hack
+from hackmods import unavailable as _unavailable
+from kube import Cluster, ClusterUnavailable
+
+REQUIRED_BY = ("MODELDEPLOY_REQUIRE_CLUSTER", "MODELDEPLOY_REQUIRE_REAL_NODE")
+
+realnode = load_hack("realnode")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.real)
+
+
+def unavailable(reason: str) -> None:
+    _unavailable(f"real node unavailable: {reason}", REQUIRED_BY)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The local control plane with its real node ``real-0``, for the whole tier."""
+    handle: Cluster | None = None
+    try:
+        handle = kube.start_local(tmp_path_factory.mktemp("realcluster"), real_node=True)
+    except ClusterUnavailable as e:
+        unavailable(str(e))
+    assert handle is not None and handle.control_plane is not None
+    restore_env = handle.export_env()
+    try:
+        yield handle
+    finally:
+        restore_env()
+        handle.close()
+        handle.control_plane.stop()
+
+
+@pytest.fixture(scope="session")
+def images(cluster: Cluster) -> dict[str, str]:
+    """name -> reference of the locally built images, imported into the real node's containerd."""
+    builder = load_hack("images")
+    assert cluster.control_plane is not None
+    refs: dict[str, str] = {}
+    for name in ("operator", "triton"):
+        try:
+            built = builder.build(name)
+        except Exception as e:  # a build that cannot run here is the tier's reason, not a crash
+            unavailable(f"image {name} cannot be built: {e}")
+            raise
+        cluster.control_plane.node.import_image(built.archive)
+        refs[name] = built.ref
+    return refs
+
+
+def on_real_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """``pod_spec`` asking for the real node: its label and a toleration of its taint."""
+    spec = copy.deepcopy(pod_spec)
+    key, value = realnode.NODE_LABEL
+    spec.setdefault("nodeSelector", {})[key] = value
+    spec.setdefault("tolerations", []).append({**realnode.NODE_TAINT, "operator": "Equal"})
+    return spec
+
+
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
