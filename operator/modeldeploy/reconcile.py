@@ -414,6 +414,15 @@ class Reconciler:
                 f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
             )
             return await self._report_spec_error(md, new_status, conditions, "InvalidSpec", msg, now_s)
+        try:
+            # The builders serialise the whole spec (with_pod_shaping, the routes), not only the pod-shaping
+            # part the revision hash reads: a pass-through field nested deeper than pydantic serialises
+            # (rollout.gateway.parentRefs 300 deep) would raise in every reconcile's apply, forever.
+            spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+        except (ValueError, RecursionError) as exc:
+            return await self._report_spec_error(
+                md, new_status, conditions, "InvalidSpec", _interpretation_error(exc), now_s
+            )
 
         history = list(old_status.history or [])
         state = old_status.rollout
@@ -1016,7 +1025,8 @@ def _interpretation_error(exc: BaseException) -> str:
     if isinstance(exc, RecursionError) or "depth" in text:
         return (
             "spec is nested too deeply to be processed: keep the pass-through fields (server.affinity, "
-            "server.topologySpreadConstraints, autoscaling.behavior) to their Kubernetes shape"
+            "server.topologySpreadConstraints, autoscaling.behavior, rollout.gateway.parentRefs) to their "
+            "Kubernetes shape"
         )
     return text if text.startswith(("spec.", "model.")) else f"spec cannot be processed: {text}"[:1024]
 
