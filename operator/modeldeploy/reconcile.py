@@ -481,6 +481,13 @@ class Reconciler:
                 outcome="Pending",
                 spec=revision.pod_shaping(target_spec),
             )
+            try:
+                # status.history keeps the pod-shaping spec a few levels deeper than spec has it.
+                _dump(api.ModelDeploymentStatus(history=[target_rec]))
+            except (ValueError, RecursionError) as exc:
+                return await self._report_spec_error(
+                    md, new_status, conditions, "InvalidSpec", _interpretation_error(exc), now_s
+                )
             history.append(target_rec)
         else:
             problem = await self._preflight(ns, target_spec)

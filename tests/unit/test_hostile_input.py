@@ -680,15 +680,31 @@ def test_pass_through_nested_too_deep_is_reported_and_the_running_revision_kept(
     assert {k: v["spec"] for k, v in world.kube.objects.items() if k[0] == "Deployment"} == before
 
 
-def test_pass_through_outside_the_pod_nested_too_deep_is_reported_not_retried() -> None:
-    # Found by test_any_valid_spec_reconciles_without_error_and_goes_quiet: rollout.gateway.parentRefs is
-    # not pod-shaping, so the revision hash never serialised it and every apply raised (a retry per 5 s).
-    world = World({**VALID_BASE, "rollout": {"gateway": {"parentRefs": [_nest(300, 1, False)]}}})
+@pytest.mark.parametrize(
+    ("field", "section"),
+    [
+        # Not pod-shaping: the revision hash never serialised it, and every apply raised (a retry per 5 s).
+        ("rollout.gateway.parentRefs", {"rollout": {"gateway": {"parentRefs": [_nest(300, 1, False)]}}}),
+        # Just shallow enough for the revision hash (model/server alone), too deep for the whole spec or for
+        # status.history, which keeps it a few levels further down: every reconcile raised.
+        ("server.affinity", {"server": {"affinity": _nest(254, 1, False)}}),
+        (
+            "server.topologySpreadConstraints",
+            {"server": {"topologySpreadConstraints": [_nest(253, 1, False)]}},
+        ),
+    ],
+    ids=["gateway-300", "affinity-254", "topology-253"],
+)
+def test_pass_through_nested_just_too_deep_is_reported_not_retried(
+    field: str, section: dict[str, Any]
+) -> None:
+    # Found by test_any_valid_spec_reconciles_without_error_and_goes_quiet.
+    world = World({**VALID_BASE, **section})
     writes = world.reconcile(3)
     assert writes[1:] == [0, 0], writes
     assert world.status()["phase"] == "Failed"
     cond = world.condition("Progressing")
-    assert cond["reason"] == "InvalidSpec" and "rollout.gateway.parentRefs" in cond["message"], cond
+    assert cond["reason"] == "InvalidSpec" and field in cond["message"], cond
     assert not [k for (k, _, _) in world.kube.objects if k != api.KIND], "nothing created"
 
 
