@@ -36,7 +36,7 @@ class TritonPythonModel:
         out = []
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", (x * {FACTOR}).astype(np.float32))]))
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", (x * {FACTOR}).astype(np.float32))]))
         return out
 """
 
@@ -113,7 +113,7 @@ def model_deployment(name: str, image: str, secret: str, bucket: str = "models")
                 "config": {
                     "maxBatchSize": 8,
                     "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [3]}],
-                    "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [3]}],
+                    "outputs": [{"name": "OUT", "dataType": "TYPE_FP32", "dims": [3]}],
                     "instanceGroups": [{"kind": "KIND_CPU", "count": 1}],
                 },
             },
@@ -170,7 +170,7 @@ def test_model_from_s3_staged_loaded_and_served(
         try:
             inp = httpclient.InferInput("X", [1, 3], "FP32")
             inp.set_data_from_numpy(x)
-            got = http.infer(MODEL, [inp], model_version="1").as_numpy("Y")
+            got = http.infer(MODEL, [inp], model_version="1").as_numpy("OUT")
             np.testing.assert_allclose(got, x * FACTOR)
         finally:
             http.close()
@@ -178,7 +178,7 @@ def test_model_from_s3_staged_loaded_and_served(
         try:
             ginp = grpcclient.InferInput("X", [1, 3], "FP32")
             ginp.set_data_from_numpy(x)
-            got = grpc.infer(MODEL, [ginp], model_version="1").as_numpy("Y")
+            got = grpc.infer(MODEL, [ginp], model_version="1").as_numpy("OUT")
             np.testing.assert_allclose(got, x * FACTOR)
         finally:
             grpc.close()
