@@ -1,11 +1,13 @@
 """Behaviour 1: a pod on the real node runs and becomes Ready through the kubelet's HTTP readiness
 probe; a ClusterIP Service reaches it from the host and, by DNS name, from another pod;
-``kubectl logs`` and ``kubectl exec`` work (the API server reaches the kubelet with its client
-certificate and verifies the kubelet's serving certificate)."""
+``kubectl logs``, ``exec`` and ``port-forward`` work (the API server reaches the kubelet with its
+client certificate and verifies the kubelet's serving certificate)."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import urllib.request
 from typing import Any
 
@@ -86,6 +88,24 @@ def test_pod_probe_service_dns_logs_exec(cluster: Cluster, namespace: str, image
         message="GET http://web.NS.svc/hostname from the client pod",
     )
     assert out.strip() == "web"
+
+    # kubectl port-forward: through the API server and the kubelet's streaming to the pod.
+    forward = subprocess.Popen(
+        [cluster.which("kubectl"), "port-forward", "-n", namespace, "pod/web", f":{HTTP_PORT}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cluster.env,
+    )
+    try:
+        assert forward.stdout is not None
+        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        assert _get(f"http://127.0.0.1:{match.group(1)}/hostname") == "web\n"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
 
     # kubectl logs shows the server's own access log lines for those requests.
     logs = cluster.kubectl("logs", "-n", namespace, "web").stdout

@@ -36,7 +36,8 @@ class TritonPythonModel:
         out = []
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", (x * {FACTOR}).astype(np.float32))]))
+            y = (x * {FACTOR}).astype(np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y)]))
         return out
 """
 
@@ -161,6 +162,29 @@ def test_model_from_s3_staged_loaded_and_served(
         assert stager.state.terminated and stager.state.terminated.exit_code == 0
         logs = cluster.kubectl("logs", "-n", namespace, pod.metadata.name, "-c", "stage-model").stdout
         assert key.secret_key not in logs and key.access_key not in logs
+
+        # Behaviour 4: what the builders generate holds in the running container.
+        checks = cluster.kubectl(
+            "exec",
+            "-n",
+            namespace,
+            pod.metadata.name,
+            "-c",
+            "triton",
+            "--",
+            "sh",
+            "-c",
+            "id -u; grep ' /dev/shm ' /proc/mounts; "
+            "touch /opt/x 2>/dev/null && echo root-writable; "
+            "touch /tmp/x && echo tmp-writable; "
+            "touch /models/x 2>/dev/null && echo models-writable; "
+            "ls /models/doubler",
+        ).stdout.splitlines()
+        assert checks[0] == "1000", checks  # the restricted pod security context, non-root
+        assert checks[1].startswith("tmpfs /dev/shm tmpfs") and "size=65536k" in checks[1], checks
+        assert "root-writable" not in checks and "models-writable" not in checks, checks
+        assert "tmp-writable" in checks, checks  # Triton's scratch space, an emptyDir
+        assert {"1", "config.pbtxt"} <= set(checks[3:]), checks  # staged, with the rendered config
 
         svc = cluster.core.read_namespaced_service("doubler", namespace)
         ports = {p.name: p.port for p in svc.spec.ports}
