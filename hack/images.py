@@ -75,6 +75,7 @@ CLI::
     python hack/images.py ref NAME
     python hack/images.py verify [NAME...]                        # run the built images with runc
     python hack/images.py import --ctr PATH --address SOCK [--namespace k8s.io] NAME...
+    python hack/images.py prune                                   # archives of stale inputs
 
 Dependencies: the standard library, ``packaging`` (for the requirement markers) and, for the
 triton image, ``hack/triton.py``.
@@ -286,7 +287,7 @@ def images_dir() -> Path:
 class _HashingWriter(io.RawIOBase):
     """A write-only stream that hashes and counts what goes through it to ``sink`` (or nowhere)."""
 
-    def __init__(self, sink: IO[bytes] | None = None) -> None:
+    def __init__(self, sink: IO[bytes] | gzip.GzipFile | None = None) -> None:
         super().__init__()
         self.sink = sink
         self.sha256 = hashlib.sha256()
@@ -539,7 +540,8 @@ def pinned_requirements(project: Path) -> list[str]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    env = {**default_environment(), "python_full_version": "3.11.2", "python_version": IMAGE_PYTHON}
+    env = {k: str(v) for k, v in default_environment().items()}
+    env.update(python_full_version="3.11.2", python_version=IMAGE_PYTHON)  # the image's python3
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())
     queue: list[tuple[str, str]] = [(r, "") for r in pyproject["project"].get("dependencies", [])]
     pins: dict[str, str] = {}
@@ -611,7 +613,10 @@ def image_inputs(name: str, project: Path = REPO) -> dict[str, str]:
         inputs["packages"] = ",".join(OPERATOR_PACKAGES)
         inputs["user"] = repr(OPERATOR_USER)
         inputs["install"] = OPERATOR_INSTALL
-        inputs["requirements"] = "\n".join(pinned_requirements(project))
+        try:
+            inputs["requirements"] = "\n".join(pinned_requirements(project))
+        except ImportError as err:  # packaging: the venv has it (pip, pytest need it)
+            raise ImageBuildError(f"{err}: run this with the project's venv Python (make venv)") from None
         inputs["project"] = "\n".join(
             f"{p.relative_to(project)} {_sha256_file(p)}" for p in project_files(project)
         )
@@ -647,7 +652,7 @@ def _run(argv: Sequence[str], *, what: str, log: Path | None = None, **kwargs: A
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-60:])
         raise ImageBuildError(f"{what} failed (exit {proc.returncode}): {shlex.join(argv)}\n{tail}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def _require_root() -> None:
@@ -850,6 +855,13 @@ def _build_triton_root(root: Path, project: Path, log: Path, workdir: Path) -> N
 
 
 def _build_operator_root(root: Path, project: Path, log: Path, workdir: Path) -> None:
+    # The wheel is built from a copy of exactly the files the cache key hashed: setuptools builds
+    # in the source tree (a build/ directory in the checkout, where a deleted module would linger).
+    source = workdir / "source"
+    for path in project_files(project):
+        target = source / path.relative_to(project)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
     wheels = workdir / "wheels"
     constraints = workdir / "constraints.txt"
     constraints.write_text("\n".join(pinned_requirements(project)) + "\n")
@@ -870,7 +882,7 @@ def _build_operator_root(root: Path, project: Path, log: Path, workdir: Path) ->
         ],
         what="pip wheel",
         log=log,
-        cwd=project,
+        cwd=source,
         env=env,
         timeout=1800,
     )
@@ -970,6 +982,21 @@ def build(name: str, project: Path = REPO, *, progress: Callable[[str], None] | 
 def build_all(project: Path = REPO, *, progress: Callable[[str], None] | None = None) -> list[BuiltImage]:
     """Build (or find cached) every image, in :data:`NAMES` order."""
     return [build(name, project, progress=progress) for name in NAMES]
+
+
+def prune(project: Path = REPO) -> list[Path]:
+    """Remove the cached archives (and their logs and sizes) of inputs that are no longer current.
+
+    Not while another process may still import one of those (nothing locks an archive after its build).
+    """
+    current = {f"{name}-{content_hash(image_inputs(name, project))[:16]}" for name in NAMES}
+    removed = []
+    for path in sorted(images_dir().glob("*-*.*")):
+        stem = path.name.split(".", 1)[0]
+        if stem.rsplit("-", 1)[0] in NAMES and stem not in current:
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 # --------------------------------------------------------------------------- containerd
@@ -1254,7 +1281,9 @@ def _verify_operator(bundle: Path, config: ImageConfig) -> str:
     python = run_once(
         bundle, config, ["python", "-c", "import sys; print(sys.executable, sys.version.split()[0])"]
     )
-    return f"modeldeploy --version: {version!r}; modeldeploy-operator run --help: ok; {python.strip()}"
+    return (
+        f"modeldeploy --version: {version!r}; modeldeploy-operator run --help: ok; python: {python.strip()}"
+    )
 
 
 _VERIFIERS: dict[str, Callable[[Path, ImageConfig], str]] = {
@@ -1303,6 +1332,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p_import.add_argument("--address", type=Path, required=True)
     p_import.add_argument("--namespace", default="k8s.io")
     p_import.add_argument("names", nargs="+", metavar="NAME")
+    sub.add_parser("prune", help="remove cached archives of inputs that are no longer current")
     args = parser.parse_args(argv)
 
     def progress(msg: str) -> None:
@@ -1311,6 +1341,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "ref":
             print(ref(args.name))
+            return 0
+        if args.cmd == "prune":
+            for path in prune():
+                print(f"removed {path}")
             return 0
         for name in _names(args.names):
             image = build(name, progress=progress)
