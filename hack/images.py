@@ -593,7 +593,7 @@ def image_inputs(name: str, project: Path = REPO) -> dict[str, str]:
         raise ValueError(f"unknown image {name!r} (known: {', '.join(NAMES)})")
     inputs = {
         "image": name,
-        "recipe": hashlib.sha256(_recipe_source(name).encode()).hexdigest(),
+        "recipe": _RECIPE_HASHES[name],
         "scripts": hashlib.sha256(_SCRIPTS[name].encode()).hexdigest(),
         "config": json.dumps(CONFIGS[name].to_oci(), sort_keys=True),
     }
@@ -924,6 +924,9 @@ _BUILDERS: dict[str, Callable[[Path, Path, Path, Path], None]] = {
 }
 # the scripts run inside the roots are part of the recipes too
 _SCRIPTS = {"triton": _TRITON_CHECK + _RECOMPILE_PYC, "operator": _RECOMPILE_PYC, "pause": ""}
+# Read now, with the code just compiled: inspect reads the file lazily, and a process that
+# imported an older version of this file would otherwise hash the new text at the old line numbers.
+_RECIPE_HASHES = {name: hashlib.sha256(_recipe_source(name).encode()).hexdigest() for name in NAMES}
 
 
 def build(name: str, project: Path = REPO, *, progress: Callable[[str], None] | None = None) -> BuiltImage:
