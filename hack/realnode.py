@@ -592,19 +592,27 @@ def host_lock() -> Any:
 
 
 def claim_host(node_root: Path, workdir: Path) -> None:
-    """Record that the real node of ``node_root`` owns this host's node network; refuse when another
-    one, not torn down, does (a claim whose node state is gone is stale and taken over)."""
-    with host_lock():
-        try:
-            owner_root, _, owner_dir = LOCK_FILE.read_text().strip().partition("\t")
-        except FileNotFoundError:
-            owner_root, owner_dir = "", ""
-        if owner_root and Path(owner_root) != node_root and Path(owner_root).exists():
-            raise RealNodeError(
-                f"another real node (cluster {owner_dir}) holds this host; stop it first "
-                f"(python hack/localcluster.py down --dir {owner_dir})"
-            )
-        LOCK_FILE.write_text(f"{node_root}\t{workdir}\n")
+    """Record that the real node of ``node_root`` owns this host's node network. Another node that
+    still runs (a process of it is alive) keeps the host: refused. One whose processes are all gone
+    (its cluster crashed, or was killed before ``down``) is torn down first, from its record."""
+    for _ in range(2):
+        with host_lock():
+            try:
+                owner_root, _, owner_dir = LOCK_FILE.read_text().strip().partition("\t")
+            except FileNotFoundError:
+                owner_root, owner_dir = "", ""
+            stale = bool(owner_root) and Path(owner_root) != node_root and Path(owner_root).exists()
+            if not stale:
+                LOCK_FILE.write_text(f"{node_root}\t{workdir}\n")
+                return
+            if pids_with(lambda argv, root=owner_root: any(root in word for word in argv)):
+                raise RealNodeError(
+                    f"another real node (cluster {owner_dir}) runs on this host; stop it first "
+                    f"(python hack/localcluster.py down --dir {owner_dir})"
+                )
+        old = NodePaths(Path(owner_root))
+        teardown_node(old, created_file(Path(owner_dir)) if owner_dir else old.root / "created.json")
+    raise RealNodeError(f"could not take this host over from the stale real node in {owner_root}")
 
 
 def release_host(node_root: Path) -> None:
@@ -940,7 +948,6 @@ class RealNode:
         kube-proxy go first so nothing restarts containers, then the containers and their shims,
         containerd, mounts, cgroups, and last the network."""
         paths, cp = self.paths, self.cp
-        errors: list[str] = []
         for name in ("kubelet", "kube-proxy", "coredns"):
             proc = cp.processes.pop(name, None)
             if proc is not None:
@@ -949,24 +956,31 @@ class RealNode:
         proc = cp.processes.pop("containerd", None)
         if proc is not None:
             proc.stop()
-        kill_node_processes(paths.root, paths.containerd_socket)  # shims that outlived containerd
-        still = unmount_all(paths.root)
-        if still:
-            errors.append(f"still mounted: {still}")
-        errors += [f"cgroup not removable: {d}" for d in remove_cgroups()]
-        remove_log_links(paths.pod_logs)
-        created = Created(self.created_file)
-        teardown_network(created)
-        if not still:
-            shutil.rmtree(paths.root, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                NODE_STATE_BASE.rmdir()
-                NODE_STATE_BASE.parent.rmdir()
-        if not errors:
-            created.clear()
-            release_host(paths.root)
-        if errors:
-            raise RealNodeError("; ".join(errors))
+        teardown_node(paths, self.created_file)
+
+
+def teardown_node(paths: NodePaths, created_file: Path) -> None:
+    """Everything after the node's own processes are stopped: what is left of containers and shims,
+    mounts, cgroups, kubelet's log links, the network, the node's state and the host claim."""
+    errors: list[str] = []
+    kill_node_processes(paths.root, paths.containerd_socket)  # shims that outlived containerd
+    still = unmount_all(paths.root)
+    if still:
+        errors.append(f"still mounted: {still}")
+    errors += [f"cgroup not removable: {d}" for d in remove_cgroups()]
+    remove_log_links(paths.pod_logs)
+    created = Created(created_file)
+    teardown_network(created)
+    if not still:
+        shutil.rmtree(paths.root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            NODE_STATE_BASE.rmdir()
+            NODE_STATE_BASE.parent.rmdir()
+    if not errors:
+        created.clear()
+        release_host(paths.root)
+    if errors:
+        raise RealNodeError("; ".join(errors))
 
 
 def _http_ok(port: int, path: str) -> bool:

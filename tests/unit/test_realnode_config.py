@@ -62,7 +62,7 @@ def test_iptables_filter_takes_our_chains_and_jumps_only() -> None:
         ":KUBE-SERVICES - [0:0]",
         ":MODELDEPLOY-FORWARD - [0:0]",
         "-A FORWARD -j MODELDEPLOY-FORWARD",
-        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         "-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -j KUBE-SVC-NPX46M4PTMTKRN6Y",
         "-A INPUT -j KUBE-FIREWALL",
     ]
@@ -71,7 +71,7 @@ def test_iptables_filter_takes_our_chains_and_jumps_only() -> None:
         ":INPUT ACCEPT [0:0]",
         "-A INPUT -i lo -j ACCEPT",
         "-A FORWARD -o docker0 -j DOCKER",
-        "-A INPUT -m comment --comment \"KUBE-like words in a comment\" -j ACCEPT",
+        '-A INPUT -m comment --comment "KUBE-like words in a comment" -j ACCEPT',
         "COMMIT",
     ]
     assert [line for line in ours if not realnode.mentions_our_chain(line)] == []
