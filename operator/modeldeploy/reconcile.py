@@ -659,7 +659,7 @@ class Reconciler:
             ]
             log.debug("%s/%s: status changes: %s", ns, name, ", ".join(changed))
             written = await self.kube.patch_status(
-                api.KIND, ns, name, merge_patch(_dump(old_status), _dump(new_status))
+                api.KIND, ns, name, status_patch(_dump(old_status), _dump(new_status))
             )
             self._remember_own_write(written)
         for ev in events:
@@ -769,7 +769,7 @@ class Reconciler:
         new_status.observed_generation = gen
         if new_status != old:
             result = await self.kube.patch_status(
-                api.KIND, meta["namespace"], meta["name"], merge_patch(_dump(old), _dump(new_status))
+                api.KIND, meta["namespace"], meta["name"], status_patch(_dump(old), _dump(new_status))
             )
             self._remember_own_write(result)
             await self.post_event(md, "Warning", reason, message)
@@ -1040,6 +1040,23 @@ def _interpretation_error(exc: BaseException) -> str:
 
 def _dump(st: api.ModelDeploymentStatus) -> dict[str, Any]:
     return st.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+#: Status fields derived from one observation of the pods: they always travel together.
+SUMMARY_FIELDS = ("phase", "message", "ready", "readyReplicas", "replicas", "conditions")
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch of status from ``old`` (the cache's, possibly behind the server) to ``new``.
+
+    A plain diff leaves out every field ``old`` already shows as ``new`` has it; if the server's differs
+    (the cache behind it), the server ends up with one observation's phase beside another's ready count
+    ("phase Ready, ready 1/2"). So when any summary field changes, all of them are sent."""
+    patch = merge_patch(old, new)
+    if any(k in patch for k in SUMMARY_FIELDS):
+        for k in SUMMARY_FIELDS:
+            patch[k] = new.get(k)
+    return patch
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

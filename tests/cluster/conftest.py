@@ -105,10 +105,15 @@ class MD:
         )
 
     def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
+        """The first status in ``phase``: the very status whose phase was checked (one read). Reading it
+        again to return it handed callers a later status, which need not be in ``phase`` any more."""
+
+        def in_phase() -> dict[str, Any] | None:
+            st = self.status()
+            return st if st.get("phase") == phase else None
+
         return wait_for(
-            lambda: self.status() if self.status().get("phase") == phase else None,
-            timeout,
-            message=lambda: f"{self.name} phase {phase}; status: {self.status()}",
+            in_phase, timeout, message=lambda: f"{self.name} phase {phase}; status: {self.status()}"
         )
 
     def deployments(self) -> list[Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, rollout, status
+from modeldeploy import api, reconcile, rollout, status
 
 T1, T2, T3 = "2025-01-01T00:00:00Z", "2025-01-01T00:05:00Z", "2025-01-01T00:10:00Z"
 
@@ -149,3 +149,39 @@ def test_phases_are_the_documented_ones() -> None:
         for ready in (0, 2):
             for was_ready in (True, False):
                 assert phase(s, ready=ready, was_ready=was_ready)[0] in documented
+
+
+def _apply_merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386, as the API server applies a status merge patch."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _apply_merge_patch(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_status_patch_never_mixes_two_observations() -> None:
+    # The server already holds "Pending, 1/2" (a write the cache has not seen yet: behind it by one write),
+    # the cache still an older "Pending, 2/2"; this reconcile observed 2/2 and promoted: "Ready, 2/2".
+    # A plain diff against the cache leaves ready out, and the server would say "Ready" beside "1/2".
+    server = {"phase": "Pending", "ready": "1/2", "readyReplicas": 1, "replicas": 2, "message": "waiting"}
+    cache = {"phase": "Pending", "ready": "2/2", "readyReplicas": 2, "replicas": 2, "message": "waiting"}
+    new = {
+        "phase": "Ready",
+        "ready": "2/2",
+        "readyReplicas": 2,
+        "replicas": 2,
+        "message": "serving revision 1",
+    }
+    written = _apply_merge_patch(server, reconcile.status_patch(cache, new))
+    assert (written["phase"], written["ready"], written["readyReplicas"]) == ("Ready", "2/2", 2), written
+
+
+def test_status_patch_sends_nothing_when_nothing_changed() -> None:
+    st = {"phase": "Ready", "ready": "2/2", "readyReplicas": 2, "replicas": 2, "history": [{"revision": 1}]}
+    assert reconcile.status_patch(st, dict(st)) == {}
+    assert reconcile.status_patch(st, {**st, "history": []}) == {"history": []}
