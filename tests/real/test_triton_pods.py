@@ -125,23 +125,13 @@ def model_deployment(name: str, image: str, secret: str, bucket: str = "models")
 
 
 def test_model_from_s3_staged_loaded_and_served(
-    cluster: Cluster, operator: OperatorProcess, images: dict[str, str], s3: tuple[Any, Any]
+    cluster: Cluster, operator: OperatorProcess, images: dict[str, str], s3: tuple[Any, Any, Any]
 ) -> None:
     server, key, _ = s3
     namespace = cluster.create_namespace(prefix="triton-s3")
     t0 = time.monotonic()
     try:
-        cluster.kubectl(
-            "create",
-            "secret",
-            "generic",
-            "s3-creds",
-            "-n",
-            namespace,
-            f"--from-literal=AWS_ACCESS_KEY_ID={key.access_key}",
-            f"--from-literal=AWS_SECRET_ACCESS_KEY={key.secret_key}",
-            f"--from-literal=AWS_ENDPOINT_URL={server.endpoint}",
-        )
+        create_secret(cluster, namespace, "s3-creds", key.access_key, key.secret_key, server.endpoint)
         md = model_deployment("doubler", images["triton"], "s3-creds")
         cluster.apply(md, namespace=namespace)
         status = wait_for(
