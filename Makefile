@@ -36,7 +36,7 @@ cluster-up: venv binaries node-deps ## start the local control plane (+ the real
 cluster-down: ## stop the local control plane
 	@if [ -x $(PY) ]; then $(PY) hack/localcluster.py down --dir $(CLUSTER_DIR); fi
 
-demo: venv binaries ## the main job on the local cluster
+demo: venv binaries node-deps ## the main job on the local cluster
 	hack/demo.sh
 
 test: venv binaries node-deps ## run every test tier (cluster and real-node tests included)
