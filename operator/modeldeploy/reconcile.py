@@ -291,10 +291,11 @@ def observe_revision(
     for cond in dstatus.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             failure = f"ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
-    ready = 0
+    ready = live = 0
     for pod in pods:
         if pod["metadata"].get("deletionTimestamp"):
             continue
+        live += 1
         pstatus = pod.get("status") or {}
         if any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in pstatus.get("conditions") or []
@@ -303,11 +304,18 @@ def observe_revision(
         failure = pod_failure(pod) or failure
     desired = (dep.get("spec") or {}).get("replicas", 1)
     generation_seen = dstatus.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
-    updated = dstatus.get("updatedReplicas", 0) if generation_seen else 0
+    if generation_seen and dstatus.get("updatedReplicas", 0) >= dstatus.get("replicas", 0):
+        # The Deployment controller has seen the current template, and when it last looked no pod of an
+        # older one was left: every pod of this revision is of the current template. Count them from the
+        # pods we watch rather than wait for its next status write, which lags them by seconds, and
+        # after an API server restart on a busy machine by over a minute (a rollout step stood still).
+        return rollout.RevisionObservation(desired=desired, ready=ready, updated=live, failure=failure)
+    # Pods of an older template may still be among them (or the new one is not seen yet): only the
+    # Deployment controller can tell them apart.
     return rollout.RevisionObservation(
         desired=desired,
         ready=min(ready, dstatus.get("readyReplicas", ready)),
-        updated=updated,
+        updated=dstatus.get("updatedReplicas", 0) if generation_seen else 0,
         failure=failure,
     )
 

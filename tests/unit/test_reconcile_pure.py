@@ -193,8 +193,11 @@ def dep(
     generation: int = 2,
     observed: int = 2,
     conditions: list[dict[str, Any]] | None = None,
+    pods: int | None = None,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"observedGeneration": observed, "conditions": conditions or []}
+    if pods is not None:
+        status["replicas"] = pods
     if ready is not None:
         status["readyReplicas"] = ready
     if updated is not None:
@@ -233,9 +236,24 @@ def test_observe_counts_ready_pods() -> None:
     assert obs == rollout.RevisionObservation(desired=3, ready=2, updated=3, failure=None)
 
 
-def test_observe_ready_never_exceeds_the_deployments_count() -> None:
-    obs = observe_revision(dep(3, ready=1, updated=3), [pod("a"), pod("b")])
-    assert obs.ready == 1
+def test_observe_ready_never_exceeds_the_deployments_count_while_older_pods_remain() -> None:
+    # 3 pods, 1 of the current template: which of the ready ones are current only the controller knows.
+    obs = observe_revision(dep(3, ready=1, updated=1, pods=3), [pod("a"), pod("b"), pod("c")])
+    assert (obs.ready, obs.updated) == (1, 1)
+
+
+def test_observe_counts_the_pods_when_the_deployment_status_lags_them() -> None:
+    # The controller saw this template with no older pod left, then created the pods; kwok made them
+    # Ready, and its next status write has not come yet (after an API server restart on a busy machine:
+    # over a minute, while the rollout step waited for it).
+    obs = observe_revision(dep(2, ready=0, updated=0, pods=0), [pod("a"), pod("b")])
+    assert (obs.ready, obs.updated) == (2, 2)
+    assert observe_revision(dep(2, pods=0), [pod("a"), pod("b", ready=False)]).ready == 1
+
+
+def test_observe_a_template_the_controller_has_not_seen_is_not_updated() -> None:
+    obs = observe_revision(dep(2, ready=2, updated=2, pods=2, generation=3, observed=2), [pod("a"), pod("b")])
+    assert obs.updated == 0
 
 
 def test_observe_ignores_terminating_pods() -> None:
