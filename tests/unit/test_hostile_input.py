@@ -310,23 +310,22 @@ def render_everything(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
     return objs
 
 
+#: Specs that validate, each rendered, in a second run that rejects the rest (see RECONCILED_EXAMPLES).
+RENDERED_EXAMPLES = 30
+
+
 def test_any_spec_validates_or_renders() -> None:
     seen = {"invalid": 0, "rendered": 0, "reported": 0}
 
-    @settings(
-        max_examples=200,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-        database=None,
-    )
-    @given(raw=specs())
-    def check(raw: Any) -> None:
+    def validate_or_render(raw: Any, *, valid_only: bool) -> None:
         with operator_recursion_limit():
             try:
                 spec = api.ModelDeploymentSpec.model_validate(raw)
             except pydantic.ValidationError as exc:
                 # Refused with messages that name where (pydantic locations) and what.
                 assert exc.errors(), exc
+                if valid_only:
+                    reject()
                 seen["invalid"] += 1
                 return
             try:
@@ -338,10 +337,25 @@ def test_any_spec_validates_or_renders() -> None:
                 return
             seen["rendered"] += 1
 
-    check()
-    print(f"\nhostile specs: {seen}")
-    assert seen["invalid"] >= 20, seen
-    assert seen["rendered"] >= 20, f"the generator must reach valid specs too: {seen}"
+    relaxed = settings(
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        database=None,
+    )
+    # The generator's own mix: mostly refusals, some valid specs.
+    settings(relaxed, max_examples=200)(
+        given(raw=specs())(lambda raw: validate_or_render(raw, valid_only=False))
+    )()
+    mixed = dict(seen)
+    assert mixed["invalid"] >= 20, mixed
+    # Valid specs, exactly RENDERED_EXAMPLES of them: how many of the 200 above validated is the generator's
+    # luck (18 on one run, 48 on another), which a threshold on them turned into a flaky failure.
+    settings(relaxed, max_examples=RENDERED_EXAMPLES)(
+        given(raw=specs())(lambda raw: validate_or_render(raw, valid_only=True))
+    )()
+    valid = {k: seen[k] - mixed[k] for k in seen}
+    print(f"\nhostile specs: {mixed}; valid only: {valid}")
+    assert valid["invalid"] == 0 and valid["rendered"] + valid["reported"] == RENDERED_EXAMPLES, valid
 
 
 @pytest.mark.parametrize(
