@@ -14,6 +14,7 @@ tears down clusters of its own before the session cluster here starts.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.real)
 
 
+FIGURES: list[str] = []
+
+
+def figure(name: str, value: str) -> None:
+    """A measurement of the real tier, printed in the terminal summary (and at once with -s)."""
+    FIGURES.append(f"{name}: {value}")
+    print(f"\n[figure] {name}: {value}", flush=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in FIGURES:
+        terminalreporter.write_line(f"real node: {line}")
+
+
 def unavailable(reason: str) -> None:
     _unavailable(f"real node unavailable: {reason}", REQUIRED_BY)
 
@@ -51,6 +66,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         unavailable(str(e))
     assert handle is not None and handle.control_plane is not None
     restore_env = handle.export_env()
+    cp = handle.control_plane
+    figure("cluster up with the real node", cp.format_timings())
+    rss = cp.rss_bytes()
+    figure(
+        "RSS of the node's processes (MiB)",
+        ", ".join(f"{n} {rss[n] / 2**20:.0f}" for n in realnode.RealNode.PROCESSES if n in rss),
+    )
     try:
         yield handle
     finally:
@@ -71,7 +93,13 @@ def images(cluster: Cluster) -> dict[str, str]:
         except Exception as e:  # a build that cannot run here is the tier's reason, not a crash
             unavailable(f"image {name} cannot be built: {e}")
             raise
+        t0 = time.monotonic()
         cluster.control_plane.node.import_image(built.archive)
+        figure(
+            f"image {name}",
+            f"{built.ref}, {built.size / 1e6:.0f} MB archive, "
+            f"{'cached' if built.cached else f'built in {built.seconds:.0f}s'}, imported in {time.monotonic() - t0:.1f}s",
+        )
         refs[name] = built.ref
     return refs
 

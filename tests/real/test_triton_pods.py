@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import on_real_node, realnode, unavailable
+from conftest import figure, on_real_node, realnode, unavailable
 from hackmods import load_hack
 from kube import Cluster, pod_is_ready, wait_for
 from operator_proc import OperatorProcess, install_crd
@@ -185,6 +185,7 @@ def test_model_from_s3_staged_loaded_and_served(
             inp = httpclient.InferInput("X", [1, 3], "FP32")
             inp.set_data_from_numpy(x)
             got = http.infer(MODEL, [inp], model_version="1").as_numpy("OUT")
+            answered_after = time.monotonic() - t0
             np.testing.assert_allclose(got, x * FACTOR)
         finally:
             http.close()
@@ -196,9 +197,11 @@ def test_model_from_s3_staged_loaded_and_served(
             np.testing.assert_allclose(got, x * FACTOR)
         finally:
             grpc.close()
-        print(
-            f"\napply -> Ready {ready_after:.1f}s, -> first answered inference {time.monotonic() - t0:.1f}s"
+        figure(
+            "ModelDeployment apply -> Ready / -> first answered inference (HTTP) through the Service",
+            f"{ready_after:.1f}s / {answered_after:.1f}s",
         )
+        figure("where the pod's time went (kubelet timestamps, 1 s resolution)", pod_timeline(pod))
     finally:
         cluster.delete_namespace(namespace)
 
@@ -295,6 +298,22 @@ def test_model_that_fails_to_load_is_reported_with_tritons_reason(
         assert "weights file is corrupt" in events
     finally:
         cluster.delete_namespace(namespace)
+
+
+def pod_timeline(pod: Any) -> str:
+    """created -> scheduled -> stager start/end -> Triton start -> Ready, from the pod's status."""
+    created = pod.metadata.creation_timestamp
+    conditions = {c.type: c.last_transition_time for c in pod.status.conditions}
+    stager = pod.status.init_container_statuses[0].state.terminated
+    triton = pod.status.container_statuses[0].state.running
+    marks = [
+        ("scheduled", conditions["PodScheduled"]),
+        ("stager started", stager.started_at),
+        ("stager done", stager.finished_at),
+        ("triton started", triton.started_at),
+        ("ready", conditions["Ready"]),
+    ]
+    return ", ".join(f"{what} +{(when - created).total_seconds():.0f}s" for what, when in marks)
 
 
 def _ready_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
