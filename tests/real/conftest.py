@@ -95,10 +95,10 @@ def images(cluster: Cluster) -> dict[str, str]:
             raise
         t0 = time.monotonic()
         cluster.control_plane.node.import_image(built.archive)
+        how = "cached" if built.cached else f"built in {built.seconds:.0f}s"
         figure(
             f"image {name}",
-            f"{built.ref}, {built.size / 1e6:.0f} MB archive, "
-            f"{'cached' if built.cached else f'built in {built.seconds:.0f}s'}, imported in {time.monotonic() - t0:.1f}s",
+            f"{built.ref}, {built.size / 1e6:.0f} MB, {how}, imported in {time.monotonic() - t0:.1f}s",
         )
         refs[name] = built.ref
     return refs
