@@ -200,7 +200,10 @@ class ModelConfig(_Model):
         Field(default=None, max_length=32, description="Backend parameters (key -> string value).")
     )
     ensemble_steps: list[EnsembleStep] | None = Field(
-        default=None, max_length=32, description="Pipeline steps; required for the ensemble format."
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="Pipeline steps; required (at least one) for the ensemble format.",
     )
 
 
