@@ -1064,8 +1064,9 @@ class LocalControlPlane:
         (wd / "etcd").mkdir(mode=0o700)
         for name, path in binaries.items():
             (self.bin_path / name).symlink_to(path)
-        port_names = self.PORT_NAMES + (realnode.RealNode.PORT_NAMES if self.real_node else ())
-        self.ports = dict(zip(port_names, free_ports(len(port_names)), strict=True))
+        self.ports = dict(zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True))
+        if self.real_node:
+            self.ports.update(realnode.RealNode.PORTS)
         pki = Pki.generate(wd / "pki")
         if self.real_node:
             self.node.issue_credentials(pki, self.server, kubeconfig_dict)

@@ -407,7 +407,7 @@ def kubelet_config(
         "address": NODE_IP,
         "port": port,
         "readOnlyPort": 0,
-        "healthzBindAddress": "127.0.0.1",
+        "healthzBindAddress": NODE_IP,
         "healthzPort": healthz_port,
         "authentication": {
             "anonymous": {"enabled": False},
@@ -462,8 +462,8 @@ def kube_proxy_config(
         "bindAddress": NODE_IP,
         "clusterCIDR": cluster_cidr,
         "clientConnection": {"kubeconfig": str(kubeconfig)},
-        "healthzBindAddress": f"127.0.0.1:{healthz_port}",
-        "metricsBindAddress": f"127.0.0.1:{metrics_port}",
+        "healthzBindAddress": f"{NODE_IP}:{healthz_port}",
+        "metricsBindAddress": f"{NODE_IP}:{metrics_port}",
         "nodePortAddresses": [f"{NODE_IP}/32"],
         "iptables": {"localhostNodePorts": False, "syncPeriod": "30s", "minSyncPeriod": "0s"},
         # leave the host's conntrack sysctls alone
@@ -476,8 +476,8 @@ def corefile(kubeconfig: Path, context: str, health_port: int, ready_port: int) 
     return f"""{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{
     bind {NODE_IP}
     errors
-    health 127.0.0.1:{health_port}
-    ready 127.0.0.1:{ready_port}
+    health {NODE_IP}:{health_port}
+    ready {NODE_IP}:{ready_port}
     cache 5
     kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
         kubeconfig {kubeconfig} {context}
@@ -744,14 +744,16 @@ class RealNode:
     its processes through it, so they are saved, sampled and stopped like the other components)."""
 
     PROCESSES: tuple[str, ...] = ("containerd", "kubelet", "kube-proxy", "coredns")
-    PORT_NAMES: tuple[str, ...] = (
-        "kubelet",
-        "kubelet-healthz",
-        "kube-proxy-healthz",
-        "kube-proxy-metrics",
-        "coredns-health",
-        "coredns-ready",
-    )
+    # Fixed, on the node IP (ours alone: one real node per host), so no other process can take one
+    # between choosing and binding it (a free 127.0.0.1 port picked at start-up was, once, by then).
+    PORTS: Mapping[str, int] = {
+        "kubelet": 10250,
+        "kubelet-healthz": 10248,
+        "kube-proxy-healthz": 10256,
+        "kube-proxy-metrics": 10249,
+        "coredns-health": 10254,
+        "coredns-ready": 10253,
+    }
 
     def __init__(self, cp: Any, binaries: NodeBinaries) -> None:
         self.cp = cp
@@ -986,7 +988,7 @@ def teardown_node(paths: NodePaths, created_file: Path) -> None:
 def _http_ok(port: int, path: str) -> bool:
     import http.client
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    conn = http.client.HTTPConnection(NODE_IP, port, timeout=2)
     try:
         conn.request("GET", path)
         return conn.getresponse().status == 200
