@@ -13,22 +13,17 @@ tears down clusters of its own before the session cluster here starts.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from realtier import FIGURES, figure, realnode, unavailable
 
 import kube
 from hackmods import load_hack
-from hackmods import unavailable as _unavailable
 from kube import Cluster, ClusterUnavailable
-
-REQUIRED_BY = ("MODELDEPLOY_REQUIRE_CLUSTER", "MODELDEPLOY_REQUIRE_REAL_NODE")
-
-realnode = load_hack("realnode")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,22 +33,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.real)
 
 
-FIGURES: list[str] = []
-
-
-def figure(name: str, value: str) -> None:
-    """A measurement of the real tier, printed in the terminal summary (and at once with -s)."""
-    FIGURES.append(f"{name}: {value}")
-    print(f"\n[figure] {name}: {value}", flush=True)
-
-
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in FIGURES:
         terminalreporter.write_line(f"real node: {line}")
-
-
-def unavailable(reason: str) -> None:
-    _unavailable(f"real node unavailable: {reason}", REQUIRED_BY)
 
 
 @pytest.fixture(scope="session")
@@ -102,21 +84,3 @@ def images(cluster: Cluster) -> dict[str, str]:
         )
         refs[name] = built.ref
     return refs
-
-
-def on_real_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """``pod_spec`` asking for the real node: its label and a toleration of its taint."""
-    spec = copy.deepcopy(pod_spec)
-    key, value = realnode.NODE_LABEL
-    spec.setdefault("nodeSelector", {})[key] = value
-    spec.setdefault("tolerations", []).append({**realnode.NODE_TAINT, "operator": "Equal"})
-    return spec
-
-
-RESTRICTED_CONTAINER: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from realtier import on_real_node, realnode, unavailable
 
-from conftest import on_real_node, realnode, unavailable
 from kube import REPO_ROOT, wait_for
 
 LOCALCLUSTER = REPO_ROOT / "hack" / "localcluster.py"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conftest import realnode
+from realtier import realnode
+
 from kube import REPO_ROOT, Cluster, unique_name, wait_for
 
 CHART = REPO_ROOT / "charts" / "modeldeploy-operator"

@@ -11,7 +11,8 @@ import subprocess
 import urllib.request
 from typing import Any
 
-from conftest import RESTRICTED_CONTAINER, on_real_node
+from realtier import RESTRICTED_CONTAINER, on_real_node
+
 from kube import Cluster, wait_for
 
 HTTP_PORT = 8080

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from realtier import figure, on_real_node, realnode, unavailable
 
-from conftest import figure, on_real_node, realnode, unavailable
 from hackmods import load_hack
 from kube import Cluster, pod_is_ready, wait_for
 from operator_proc import OperatorProcess, install_crd

@@ -1,0 +1,45 @@
+"""Helpers of the real tier (a module of its own: test modules import it by name, which a second
+``conftest`` module could shadow)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hackmods import load_hack
+from hackmods import unavailable as _unavailable
+
+REQUIRED_BY = ("MODELDEPLOY_REQUIRE_CLUSTER", "MODELDEPLOY_REQUIRE_REAL_NODE")
+
+realnode = load_hack("realnode")
+
+
+FIGURES: list[str] = []
+
+
+def figure(name: str, value: str) -> None:
+    """A measurement of the real tier, printed in the terminal summary (and at once with -s)."""
+    FIGURES.append(f"{name}: {value}")
+    print(f"\n[figure] {name}: {value}", flush=True)
+
+
+def unavailable(reason: str) -> None:
+    _unavailable(f"real node unavailable: {reason}", REQUIRED_BY)
+
+
+def on_real_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """``pod_spec`` asking for the real node: its label and a toleration of its taint."""
+    spec = copy.deepcopy(pod_spec)
+    key, value = realnode.NODE_LABEL
+    spec.setdefault("nodeSelector", {})[key] = value
+    spec.setdefault("tolerations", []).append({**realnode.NODE_TAINT, "operator": "Equal"})
+    return spec
+
+
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
