@@ -92,6 +92,8 @@ def test_liveness_and_startup_probes() -> None:
     assert (
         budget > container["livenessProbe"]["periodSeconds"] * container["livenessProbe"]["failureThreshold"]
     )
+    # ...and probed often, so a quickly loaded model is Ready soon after it is
+    assert startup["periodSeconds"] <= 2
 
 
 @pytest.mark.parametrize("shm", ["1Gi", "256Mi", "4Gi"])
