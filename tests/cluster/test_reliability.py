@@ -100,6 +100,18 @@ def events(md: MD, reason: str, contains: str = "") -> list[Any]:
     return [e for e in md.events() if e.reason == reason and contains in (e.message or "")]
 
 
+def ready_pods(md: MD, dep: Any) -> int:
+    """Ready, not terminating, pods of the Deployment ``dep``."""
+    selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
+    pods = md.cluster.core.list_namespaced_pod(md.namespace, label_selector=selector).items
+    return sum(
+        1
+        for p in pods
+        if p.metadata.deletion_timestamp is None
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    )
+
+
 def deployments_by_revision(md: MD) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for d in md.deployments():
@@ -857,8 +869,10 @@ class ChaosMD:
         stable = st1.get("stableRevision")
         if stable is not None and stable == st2.get("stableRevision"):
             # Stable through the whole observation: its capacity never drops below spec.replicas.
+            # Counted on the pods, which serve: the operator promotes on the pods it watches, and the
+            # Deployment's readyReplicas can trail them by seconds on a busy machine.
             dep = deps.get(stable)
-            ready = (dep.status.ready_replicas or 0) if dep is not None else 0
+            ready = ready_pods(self.md, dep) if dep is not None else 0
             assert dep is not None and ready >= CHAOS_REPLICAS, (
                 f"{self.md.name}: stable revision {stable} has {ready}/{CHAOS_REPLICAS} ready pods "
                 f"(rollout {st2.get('rollout')})"
