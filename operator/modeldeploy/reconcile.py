@@ -396,9 +396,21 @@ class Reconciler:
         if namespace not in self._primed:
             await self._prime(namespace)
         writes_before = self.kube.writes
-        out = await self._reconcile(md)
+        try:
+            out = await self._reconcile(md)
+        except ApiError as e:
+            if e.status == 404 and await self._gone(namespace, name):
+                # Deleted while it was being reconciled (the status write found no object): the watch
+                # brings the deletion; nothing to retry, nothing to report.
+                log.info("%s/%s was deleted during its reconcile", namespace, name)
+                return Outcome(writes=self.kube.writes - writes_before)
+            raise
         out.writes = self.kube.writes - writes_before
         return out
+
+    async def _gone(self, namespace: str, name: str) -> bool:
+        """The ModelDeployment no longer exists (the cache may not have seen its deletion yet: asked)."""
+        return not await self.kube.exists(api.KIND, namespace, name)
 
     async def _reconcile(self, md: dict[str, Any]) -> Outcome:
         meta = md["metadata"]

@@ -504,6 +504,8 @@ class FakeKube:
     ) -> dict[str, Any]:
         self.writes += 1
         json.dumps(status)
+        if (kind, namespace, name) not in self.objects:
+            raise ApiError(404, json.dumps({"kind": "Status", "code": 404, "reason": "NotFound"}), "PATCH")
         obj = self.objects[(kind, namespace, name)]
         obj["status"] = _merge(obj.get("status") or {}, status)
         obj["metadata"]["resourceVersion"] = self._next_rv()
@@ -848,3 +850,24 @@ def test_any_text_survives_the_apply_encoding(text: str) -> None:
     encoded.encode("utf-8")  # sendable
     assert json.loads(encoded) == body
     assert yaml.safe_load(encoded) == body
+
+
+def test_deleted_during_its_reconcile_is_not_an_error() -> None:
+    """The status write finds no object (deleted after the cache read it): no retry, no traceback.
+    A 404 while the object still exists stays an error."""
+    world = World(dict(VALID_BASE))
+    world.reconcile()
+    world.set_spec({**world.md()["spec"], "replicas": 3})  # something to write
+    gone = world.kube.objects.pop((api.KIND, "ns", "md"))  # deleted on the server; the cache still has it
+    out = asyncio.run(world.reconciler.reconcile("ns", "md"))
+    assert out.requeue_after is None
+
+    world.kube.objects[(api.KIND, "ns", "md")] = gone
+
+    async def refused(*_: Any) -> dict[str, Any]:
+        raise ApiError(404, "{}", "PATCH")
+
+    world.kube.patch_status = refused  # type: ignore[method-assign]
+    world.set_spec({**world.md()["spec"], "replicas": 4})
+    with pytest.raises(ApiError):
+        asyncio.run(world.reconciler.reconcile("ns", "md"))
