@@ -182,6 +182,13 @@ def test_model_from_s3_staged_loaded_and_served(
 
         http = httpclient.InferenceServerClient(f"{svc.spec.cluster_ip}:{ports['http']}")
         try:
+            # Ready pods reach the ClusterIP's rules one hop later: the EndpointSlice controller, then
+            # kube-proxy (until it has, the Service has no endpoints and kube-proxy rejects connections).
+            wait_for(
+                lambda: _answers(http),
+                30,
+                message=lambda: f"the Service {svc.spec.cluster_ip} answers; {_describe(cluster, namespace)}",
+            )
             inp = httpclient.InferInput("X", [1, 3], "FP32")
             inp.set_data_from_numpy(x)
             got = http.infer(MODEL, [inp], model_version="1").as_numpy("OUT")
@@ -298,6 +305,13 @@ def test_model_that_fails_to_load_is_reported_with_tritons_reason(
         assert "weights file is corrupt" in events
     finally:
         cluster.delete_namespace(namespace)
+
+
+def _answers(client: Any) -> bool:
+    try:
+        return bool(client.is_model_ready(MODEL, "1"))
+    except Exception:  # connection refused / reset while the Service's rules are being programmed
+        return False
 
 
 def pod_timeline(pod: Any) -> str:
