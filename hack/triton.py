@@ -142,7 +142,10 @@ def find_wheel() -> Wheel:
         # an editable pytriton checkout keeps them elsewhere
         libs_dir = server_dir / "external_libs"
     record = dist.read_text("RECORD") or dist.version
-    digest = hashlib.sha256(record.encode()).hexdigest()[:12]
+    # Only the files inside site-packages: console scripts ("../../../bin/...") carry the venv's
+    # absolute path in their shebang, so their hashes differ between two checkouts of the same tree.
+    inside = "\n".join(line for line in record.splitlines() if not line.startswith(".."))
+    digest = hashlib.sha256(inside.encode()).hexdigest()[:12]
     return Wheel(version=dist.version, server_dir=server_dir, libs_dir=libs_dir, record_digest=digest)
 
 
