@@ -908,7 +908,7 @@ class LocalControlPlane:
             self._sampler.join(timeout=5)
             self._sampler = None
         errors: list[str] = []
-        if self.real_node or (self.workdir / "node" / "created.json").exists():
+        if self.real_node or realnode.created_file(self.workdir).exists():
             try:
                 self.node.stop()
             except (realnode.RealNodeError, ControlPlaneError) as e:
@@ -1347,7 +1347,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_down(args: argparse.Namespace) -> int:
     cp = LocalControlPlane.attach(Path(args.dir))
-    node_left = (cp.workdir / "node" / "created.json").exists()
+    node_left = realnode.created_file(cp.workdir).exists()
     if not cp.processes and not node_left:
         print(f"no control plane recorded in {cp.workdir}")
         return 0

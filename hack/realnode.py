@@ -333,9 +333,8 @@ class NodePaths:
         return self.root / "Corefile"
 
 
-def containerd_config(paths: NodePaths, sandbox_image: str, shim_dir: Path) -> str:
+def containerd_config(paths: NodePaths, sandbox_image: str) -> str:
     """containerd 2.x (config version 3): CRI with runc, cgroupfs, our CNI dirs, the local pause image."""
-    del shim_dir  # found on PATH (see RealNode); kept in the signature for the record
     q = json.dumps
     return f"""version = 3
 root = {q(str(paths.containerd_root))}
@@ -832,9 +831,7 @@ class RealNode:
         self.timings["network"] = time.monotonic() - t0
 
         image, archive = sandbox_image()
-        paths.containerd_config.write_text(
-            containerd_config(paths, image, self.binaries.containerd_shim.parent)
-        )
+        paths.containerd_config.write_text(containerd_config(paths, image))
         (paths.cni_conf_dir / "10-modeldeploy.conflist").write_text(json.dumps(cni_config(paths), indent=2))
         paths.resolv_conf.write_text("# pods resolve cluster names only (kube-dns); nothing upstream\n")
         env_path = os.pathsep.join([str(self.binaries.containerd.parent), os.environ.get("PATH", os.defpath)])
@@ -917,12 +914,6 @@ class RealNode:
         import images  # hack/images.py
 
         images.import_into(self.binaries.ctr, self.paths.containerd_socket, archive)
-
-    def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run(
-            [str(self.binaries.ctr), f"--address={self.paths.containerd_socket}", "-n", "k8s.io", *args],
-            timeout=timeout,
-        )
 
     def _containerd_ready(self) -> bool:
         if not self.paths.containerd_socket.exists():

@@ -17,7 +17,7 @@ def paths(tmp_path: Path) -> object:
 
 def test_containerd_config_is_valid_toml_with_the_settings_this_vm_needs(tmp_path: Path) -> None:
     p = paths(tmp_path)
-    doc = tomllib.loads(realnode.containerd_config(p, "modeldeploy.local/pause:abc", tmp_path))
+    doc = tomllib.loads(realnode.containerd_config(p, "modeldeploy.local/pause:abc"))
     assert doc["version"] == 3 and doc["grpc"]["address"].startswith(str(tmp_path))
     runtime = doc["plugins"]["io.containerd.cri.v1.runtime"]
     assert runtime["restrict_oom_score_adj"] is True  # no CAP_SYS_RESOURCE for root here
