@@ -27,6 +27,7 @@ SHORT_NAMES = ["md"]
 
 #: The Triton image used when ``spec.server.image`` is not set: a pinned release.
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
+DEFAULT_DRAIN_SECONDS = 10  # server.drainSeconds when unset
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
 STORAGE_URI_PATTERN = r"^(s3|gs|as|pvc|https?)://[^\s]+$"
@@ -404,6 +405,16 @@ class ServerSpec(_Model):
     pod_labels: LabelMap | None = Field(default=None, description="Extra labels on Triton pods.")
     pod_annotations: LabelMap | None = Field(default=None, description="Extra annotations on Triton pods.")
     shm_size: Quantity = Field(default="1Gi", description="Size of /dev/shm (the python backend needs it).")
+    drain_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=600,
+        description=(
+            "Seconds a terminating Triton pod keeps serving before Triton is told to stop (a preStop "
+            "sleep), so that Services and load balancers stop sending it new requests first. Unset: 10. "
+            "The pod's termination grace period is this plus 30 s for Triton's own shutdown."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- scaling

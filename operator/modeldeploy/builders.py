@@ -26,6 +26,11 @@ CONFIG_DIR = "/etc/modeldeploy/config"
 PVC_MOUNT_DIR = "/mnt/model-pvc"
 NATIVE_SCHEMES = {"s3", "gs", "as"}
 DEFAULT_STAGER_IMAGE = "ghcr.io/modeldeploy/operator:0.1.0"
+# A terminating pod leaves the Services' endpoints a beat after it is marked (EndpointSlice controller,
+# then every kube-proxy or load balancer). Until then new connections still reach it: Triton keeps
+# serving that long (preStop sleep), then gets SIGTERM and finishes what is in flight.
+DEFAULT_DRAIN_SECONDS = api.DEFAULT_DRAIN_SECONDS
+TRITON_SHUTDOWN_SECONDS = 30  # tritonserver's --exit-timeout-secs default
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,9 @@ def build_pod_template(
         # Triton's last log lines (e.g. why a model failed to load) become the termination message
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    drain = DEFAULT_DRAIN_SECONDS if server.drain_seconds is None else server.drain_seconds
+    if drain:
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": drain}}}
     if server.image_pull_policy:
         container["imagePullPolicy"] = server.image_pull_policy
     env = cred_env + _env(server.env)
@@ -292,7 +300,7 @@ def build_pod_template(
         "securityContext": RESTRICTED_POD_SECURITY,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": drain + TRITON_SHUTDOWN_SECONDS,
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers

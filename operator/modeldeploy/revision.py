@@ -13,10 +13,10 @@ HASH_LENGTH = 10
 
 def pod_shaping(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
     """The part of the spec that ends up in the pod template (model + server)."""
-    return {
-        "model": spec.model.model_dump(by_alias=True, exclude_none=True, mode="json"),
-        "server": spec.server.model_dump(by_alias=True, exclude_none=True, mode="json"),
-    }
+    server = spec.server.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if server.get("drainSeconds") == api.DEFAULT_DRAIN_SECONDS:  # a field added with a default later:
+        del server["drainSeconds"]  # unset and explicit hash alike, as before the field existed
+    return {"model": spec.model.model_dump(by_alias=True, exclude_none=True, mode="json"), "server": server}
 
 
 def revision_hash(spec: api.ModelDeploymentSpec) -> str:

@@ -96,6 +96,29 @@ def test_liveness_and_startup_probes() -> None:
     assert startup["periodSeconds"] <= 2
 
 
+def test_terminating_pods_drain_before_triton_stops() -> None:
+    """A preStop sleep keeps Triton serving while the pod leaves the Services' endpoints; the grace
+    period covers the drain and Triton's own 30 s shutdown."""
+    default = deployment()
+    assert triton(default)["lifecycle"] == {"preStop": {"sleep": {"seconds": builders.DEFAULT_DRAIN_SECONDS}}}
+    assert pod_spec(default)["terminationGracePeriodSeconds"] == builders.DEFAULT_DRAIN_SECONDS + 30
+    longer = deployment(spec_of(server={"drainSeconds": 45}))
+    assert triton(longer)["lifecycle"]["preStop"]["sleep"]["seconds"] == 45
+    assert pod_spec(longer)["terminationGracePeriodSeconds"] == 75
+    none = deployment(spec_of(server={"drainSeconds": 0}))
+    assert "lifecycle" not in triton(none) and pod_spec(none)["terminationGracePeriodSeconds"] == 30
+
+
+def test_drain_seconds_unset_leaves_the_revision_hash_as_it_was() -> None:
+    """An operator upgrade that brings the field must not start a rollout of every ModelDeployment."""
+    from modeldeploy import revision
+
+    unset = revision.revision_hash(spec_of())
+    assert "drainSeconds" not in revision.pod_shaping(spec_of())["server"]
+    assert revision.revision_hash(spec_of(server={"drainSeconds": 10})) == unset  # the default, written
+    assert revision.revision_hash(spec_of(server={"drainSeconds": 20})) != unset
+
+
 @pytest.mark.parametrize("shm", ["1Gi", "256Mi", "4Gi"])
 def test_dev_shm_is_a_memory_emptydir_sized_by_shm_size(shm: str) -> None:
     dep = deployment(spec_of(server={"shmSize": shm}))
