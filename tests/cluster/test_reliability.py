@@ -1201,6 +1201,48 @@ def _stand_in_for_kubelets(cluster: Cluster, namespace: str) -> int:
     return healed
 
 
+def _controllers_back(cluster: Cluster, namespace: str, like: Any, since: float) -> float:
+    """Seconds from ``since`` until a plain Deployment (the pod spec of ``like``, labels of its own,
+    so no Service of ours selects it) has a Running pod: kube-controller-manager's Deployment and
+    ReplicaSet controllers, kube-scheduler and kwok all watching again. (Running, not Ready: the
+    node-lifecycle controller, on a node cache of its own still from before the outage, may mark a
+    new pod NotReady; `_stand_in_for_kubelets` answers that for the pods that count.) The Deployment
+    is deleted afterwards."""
+    name = unique_name("controllers-probe")
+    labels = {"app": name}
+    pod_spec = copy.deepcopy(cluster.api_client.sanitize_for_serialization(like.spec.template.spec))
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+    cluster.apps.create_namespaced_deployment(namespace, body)
+    try:
+        wait_for(
+            lambda: (
+                any(
+                    p.status.phase == "Running"
+                    for p in cluster.core.list_namespaced_pod(namespace, label_selector=f"app={name}").items
+                )
+                # counted by the ReplicaSet controller (its pod cache) and passed up by the Deployment one
+                and cluster.apps.read_namespaced_deployment(name, namespace).status.replicas == 1
+            ),
+            # measured 91 s: the Deployment controller's watch back after 60 s, then the scheduler
+            # waited for the node-lifecycle controller (on its own backoff) to lift the not-ready taint
+            240,
+            interval=0.5,
+            message="kube-controller-manager, kube-scheduler and kwok run a plain Deployment's pod again",
+        )
+        return time.monotonic() - since
+    finally:
+        cluster.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+
+
 def test_apiserver_restart_mid_rollout(cluster: Cluster, relop: OperatorProcess, rel_ns: str) -> None:
     cp = cluster.control_plane
     if cp is None:
@@ -1321,6 +1363,14 @@ def test_apiserver_restart_mid_rollout(cluster: Cluster, relop: OperatorProcess,
     for reason in ("RolloutStarted", "StepReady", "Promoting"):
         assert len(events(md, reason, "revision 2")) <= 1, f"{reason} of revision 2 posted twice"
 
+    # The cluster's own controllers (kube-controller-manager, kube-scheduler, kwok) reconnect on
+    # client-go's reflector backoff: 0.8 s doubling to a 30 s cap, each wait jittered up to twice
+    # that, so after a 65 s outage a watch may come back a minute after the API server did (a CI run
+    # timed out waiting for v3's ReplicaSet when the test started v3 at once). The v3
+    # rollout below needs them (a ReplicaSet, its pods scheduled and played), so it starts once a
+    # plain Deployment of the same pods has become Ready: what is timed below is then ours.
+    controllers_back = _controllers_back(cluster, ns, live_dep, t_up)
+
     # The watches are back: a spec change (seen only through the ModelDeployment watch) rolls out.
     t3 = time.monotonic()
     md.patch({"spec": {"model": {"version": 3}}})
@@ -1351,6 +1401,7 @@ def test_apiserver_restart_mid_rollout(cluster: Cluster, relop: OperatorProcess,
         f"{restart_s:.1f}s); the step's pause ended {due - unreachable[0]:.1f}s into it; "
         f"first operator write "
         f"{first_write:.1f}s after it accepted connections again; v2 promoted {recovery:.1f}s after; "
+        f"the cluster's controllers ran a plain Deployment {controllers_back:.1f}s after; "
         f"next rollout: v3 spec seen by the operator in {seen:.1f}s, Ready in {after:.1f}s; "
         f"reconcile errors during the outage: {errors:g}; pods re-reported Ready for lack of a kubelet: "
         f"{healed[0]}",
