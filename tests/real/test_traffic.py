@@ -1,0 +1,411 @@
+"""What clients see while versions change, on real Triton pods (issue 12, behaviours 1 and 2).
+
+A client (``traffic.py``) sends inference requests through the ModelDeployment's main Service the
+whole time, one new connection per request, no retries; the model answers with its own version
+number (``models.py``). The tests assert the share each version got at each canary step, measured
+from the answers, and that no request failed across promotion, flip, rollback and scale-down.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from models import MODEL, SPEC_CONFIG, write_repository
+from realtier import figure, on_real_node, realnode, unavailable
+from traffic import Traffic, describe_failures, failures, kube_proxy_caught_up, split_tolerance, versions
+
+from hackmods import load_hack
+from kube import Cluster, wait_for
+from operator_proc import OperatorProcess, install_crd
+
+s3server = load_hack("s3server")
+
+GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
+REPLICAS = 3
+SPLIT_REQUESTS = 400  # per step: 5 sigma is +-11 points at 50 %, +-10.8 at 25 %
+KUBE_PROXY_METRICS = f"http://{realnode.NODE_IP}:{realnode.RealNode.PORTS['kube-proxy-metrics']}/metrics"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[Any, Any]]:
+    """moto on the node IP (pods reach it), bucket ``models``: the ``versioned`` model with versions
+    1 and 2 answering and 3 failing to load."""
+    try:
+        python = s3server.ensure_moto()
+    except s3server.S3ServerUnavailable as err:
+        unavailable(f"S3 server (moto): {err}")
+    work = tmp_path_factory.mktemp("s3")
+    source = write_repository(work / "repo", {1: "answer", 2: "answer", 3: "fail_load"})
+    with s3server.S3Server.start(python, work / "server", host=realnode.NODE_IP) as server:
+        key = server.setup(bucket="models", upload=source, prefix="repo")
+        server.enforce_auth()
+        yield server, key
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    install_crd(cluster)
+    op = OperatorProcess(
+        tmp_path_factory.mktemp("operator"),
+        ["traffic-*"],
+        resync_seconds=10,
+        env={"MODELDEPLOY_STAGER_IMAGE": images["operator"]},
+    )
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, repo: tuple[Any, Any]) -> Iterator[str]:
+    server, key = repo
+    ns = cluster.create_namespace(prefix="traffic")
+    cluster.kubectl(
+        "create", "secret", "generic", "s3", "-n", ns,
+        f"--from-literal=AWS_ACCESS_KEY_ID={key.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={key.secret_key}",
+        f"--from-literal=AWS_ENDPOINT_URL={server.endpoint}",
+    )  # fmt: skip
+    try:
+        yield ns
+    finally:
+        cluster.delete_namespace(ns)
+
+
+def manifest(name: str, image: str, rollout: dict[str, Any], version: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {
+                "name": MODEL,
+                "format": "python",
+                "storageUri": "s3://models/repo",
+                "version": version,
+                "credentialsSecret": "s3",
+                "config": SPEC_CONFIG,
+            },
+            "replicas": REPLICAS,
+            "server": on_real_node({"image": image, "imagePullPolicy": "Never", "shmSize": "64Mi"}),
+            "rollout": rollout,
+        },
+    }
+
+
+class Model:
+    """A ModelDeployment seen through the API: its status, its pods, its Service."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        self.cluster, self.namespace, self.name = cluster, namespace, name
+
+    def get(self) -> dict[str, Any]:
+        obj: dict[str, Any] = self.cluster.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, self.name
+        )
+        return obj
+
+    def status(self) -> dict[str, Any]:
+        return self.get().get("status") or {}
+
+    def patch(self, body: dict[str, Any]) -> None:
+        self.cluster.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, body
+        )
+
+    def resume(self) -> None:
+        self.patch({"metadata": {"annotations": {"modeldeploy.io/resume": uuid.uuid4().hex[:8]}}})
+
+    def revision_of_hash(self) -> dict[str, int]:
+        return {h["hash"]: h["revision"] for h in self.status().get("history") or []}
+
+    def pods_by_revision(self) -> dict[int, list[Any]]:
+        """Live (not terminating) pods per revision number."""
+        numbers = self.revision_of_hash()
+        out: dict[int, list[Any]] = {}
+        for p in self.cluster.core.list_namespaced_pod(
+            self.namespace, label_selector=f"modeldeploy.io/name={self.name}"
+        ).items:
+            rev = numbers.get((p.metadata.labels or {}).get("modeldeploy.io/revision", ""))
+            if rev is not None and p.metadata.deletion_timestamp is None:
+                out.setdefault(rev, []).append(p)
+        return out
+
+    def endpoints_by_revision(self, service: str | None = None) -> dict[int, int]:
+        """Ready endpoints of the Service (the main one by default) per revision number."""
+        numbers = self.revision_of_hash()
+        pods = {
+            p.metadata.name: numbers.get((p.metadata.labels or {}).get("modeldeploy.io/revision", ""))
+            for p in self.cluster.core.list_namespaced_pod(
+                self.namespace, label_selector=f"modeldeploy.io/name={self.name}"
+            ).items
+        }
+        slices = self.cluster.discovery.list_namespaced_endpoint_slice(
+            self.namespace, label_selector=f"kubernetes.io/service-name={service or self.name}"
+        ).items
+        out: dict[int, int] = {}
+        for s in slices:
+            for ep in s.endpoints or []:
+                if ep.conditions and ep.conditions.ready and ep.target_ref is not None:
+                    rev = pods.get(ep.target_ref.name)
+                    if rev is not None:
+                        out[rev] = out.get(rev, 0) + 1
+        return out
+
+    def endpoints_changed_at(self, service: str | None = None) -> float:
+        """When the Service's EndpointSlices last changed (epoch seconds, whole seconds: the
+        resolution of managedFields)."""
+        slices = self.cluster.discovery.list_namespaced_endpoint_slice(
+            self.namespace, label_selector=f"kubernetes.io/service-name={service or self.name}"
+        ).items
+        return max(f.time.timestamp() for s in slices for f in s.metadata.managed_fields or [] if f.time)
+
+    def service_address(self) -> tuple[str, int]:
+        svc = self.cluster.core.read_namespaced_service(self.name, self.namespace)
+        return svc.spec.cluster_ip, next(p.port for p in svc.spec.ports if p.name == "http")
+
+
+def describe(cluster: Cluster, namespace: str) -> str:
+    out = cluster.kubectl("get", "md,deploy,pods,endpointslices", "-n", namespace, "-o", "wide", check=False)
+    ev = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout
+    return f"\n{out.stdout}\n{ev[-4000:]}"
+
+
+def wait_status(md: Model, pred: Any, timeout: float, what: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: st if pred(st := md.status()) else None,
+        timeout,
+        interval=0.25,
+        message=lambda: f"{what}; status: {md.status()}{describe(md.cluster, md.namespace)}",
+    )
+
+
+def serving(md: Model, revision: int) -> dict[str, Any]:
+    """Ready, idle, ``revision`` stable, every other revision's pods gone (scale-down done)."""
+
+    def done(st: dict[str, Any]) -> bool:
+        ro = st.get("rollout") or {}
+        return (
+            st.get("phase") == "Ready"
+            and st.get("stableRevision") == revision
+            and ro.get("state") == "Idle"
+            and set(md.pods_by_revision()) == {revision}
+        )
+
+    return wait_status(md, done, 240, f"revision {revision} serving alone")
+
+
+def settled(md: Model, expected: dict[int, int], timeout: float = 60) -> None:
+    """Wait until the main Service's ready endpoints are ``expected`` (revision -> count) and
+    kube-proxy has written its rules since: new connections follow that split from here on."""
+    wait_for(
+        lambda: md.endpoints_by_revision() == expected,
+        timeout,
+        interval=0.2,
+        message=lambda: f"endpoints {expected}, have {md.endpoints_by_revision()}",
+    )
+    changed = md.endpoints_changed_at()
+    wait_for(
+        lambda: kube_proxy_caught_up(KUBE_PROXY_METRICS, changed), 30, interval=0.2, message="kube-proxy sync"
+    )
+
+
+def measure(traffic: Traffic, n: int) -> tuple[float, float]:
+    """The next ``n`` requests' window (monotonic start, end)."""
+    t0 = time.monotonic()
+    wait_for(
+        lambda: traffic.count_since(t0) >= n, n / traffic.rate * 4 + 30, interval=0.2, message=f"{n} requests"
+    )
+    return t0, time.monotonic()
+
+
+def test_canary_split_measured_and_no_request_fails(
+    cluster: Cluster, operator: OperatorProcess, images: dict[str, str], namespace: str
+) -> None:
+    """Canary 1 -> 2 at 25 % and 50 % (each held until resumed), then promotion and the old
+    revision's scale-down, under continuous traffic."""
+    rollout = {
+        "steps": [{"weight": 25, "pause": {}}, {"weight": 50, "pause": {}}, {"weight": 100}],
+        "scaleDownDelaySeconds": 0,
+    }
+    cluster.apply(manifest("split", images["triton"], rollout), namespace=namespace)
+    md = Model(cluster, namespace, "split")
+    serving(md, 1)
+    host, port = md.service_address()
+    settled(md, {1: REPLICAS})
+    rows: list[str] = []
+    with Traffic(host, port, MODEL, rate=60) as traffic:
+        origin = time.monotonic()
+        t0, t1 = measure(traffic, 100)
+        assert versions(traffic.outcomes(t0, t1)) == {1: len(traffic.outcomes(t0, t1))}
+
+        md.patch({"spec": {"model": {"version": 2}}})
+        for step, weight in enumerate((25, 50)):
+            wait_status(
+                md,
+                lambda st, step=step: (
+                    (st.get("rollout") or {}).get("state") == "Paused"
+                    and (st.get("rollout") or {}).get("step") == step
+                ),
+                180,
+                f"step {step + 1} ({weight} %) held",
+            )
+            canary = len(md.pods_by_revision().get(2, []))
+            settled(md, {1: REPLICAS, 2: canary})
+            expected = canary / (REPLICAS + canary)
+            t0, t1 = measure(traffic, SPLIT_REQUESTS)
+            window = traffic.outcomes(t0, t1)
+            got = versions(window)
+            share = got[2] / sum(got.values())
+            tol = split_tolerance(expected, len(window))
+            rows.append(
+                f"weight {weight}%: {canary}/{REPLICAS + canary} pods, expected {expected:.0%}, "
+                f"measured {share:.1%} of {len(window)} requests (tolerance +-{tol:.1%})"
+            )
+            assert not failures(window), describe_failures(window, origin)
+            assert abs(share - expected) <= tol, rows[-1]
+            md.resume()
+
+        serving(md, 2)
+        settled(md, {2: REPLICAS})
+        t0, t1 = measure(traffic, 200)
+        after = traffic.outcomes(t0, t1)
+        rows.append(
+            f"promoted: measured {versions(after)[2] / len(after):.0%} of {len(after)} requests on v2"
+        )
+        assert versions(after) == {2: len(after)}, versions(after)
+        all_outcomes = traffic.stop()
+    assert not failures(all_outcomes), describe_failures(all_outcomes, origin)
+    figure("canary split (weight asked: share measured)", "; ".join(rows))
+    figure(
+        "canary 1 -> 2 under traffic",
+        f"{len(all_outcomes)} requests, {len(failures(all_outcomes))} failed, "
+        f"{dict(versions(all_outcomes))} answered per version",
+    )
+
+
+def answered_only(traffic: Traffic, origin: float, allowed: set[int]) -> list[Any]:
+    """Every request so far answered, by the ``allowed`` versions only."""
+    outcomes = traffic.stop()
+    assert not failures(outcomes), describe_failures(outcomes, origin)
+    assert set(versions(outcomes)) <= allowed, versions(outcomes)
+    return outcomes
+
+
+def only_version(md: Model, traffic: Traffic, version: int, n: int = 100) -> None:
+    """The next ``n`` requests all answered by ``version``."""
+    t0, t1 = measure(traffic, n)
+    window = traffic.outcomes(t0, t1)
+    assert versions(window) == {version: len(window)}, versions(window)
+
+
+def test_blue_green_promotion_and_flip_back_lose_no_request(
+    cluster: Cluster, operator: OperatorProcess, images: dict[str, str], namespace: str
+) -> None:
+    rollout = {"strategy": "BlueGreen", "blueGreen": {"scaleDownDelaySeconds": 5}}
+    cluster.apply(manifest("bg", images["triton"], rollout), namespace=namespace)
+    md = Model(cluster, namespace, "bg")
+    serving(md, 1)
+    host, port = md.service_address()
+    settled(md, {1: REPLICAS})
+    with Traffic(host, port, MODEL, rate=60) as traffic:
+        origin = time.monotonic()
+        md.patch({"spec": {"model": {"version": 2}}})
+        serving(md, 2)  # flipped, and revision 1 scaled down after the delay
+        settled(md, {2: REPLICAS})
+        only_version(md, traffic, 2)
+        md.patch({"spec": {"rollbackTo": {"revision": 1}}})
+        serving(md, 1)
+        settled(md, {1: REPLICAS})
+        only_version(md, traffic, 1)
+    outcomes = answered_only(traffic, origin, {1, 2})
+    figure(
+        "blue-green 1 -> 2, flip back to 1, both scale-downs, under traffic",
+        f"{len(outcomes)} requests, {len(failures(outcomes))} failed, {dict(versions(outcomes))} per version",
+    )
+
+
+def test_rolling_update_loses_no_request(
+    cluster: Cluster, operator: OperatorProcess, images: dict[str, str], namespace: str
+) -> None:
+    rollout = {"strategy": "Rolling", "maxSurge": 1, "maxUnavailable": 0}
+    cluster.apply(manifest("rolling", images["triton"], rollout), namespace=namespace)
+    md = Model(cluster, namespace, "rolling")
+    serving(md, 1)
+    host, port = md.service_address()
+    settled(md, {1: REPLICAS})
+    with Traffic(host, port, MODEL, rate=60) as traffic:
+        origin = time.monotonic()
+        md.patch({"spec": {"model": {"version": 2}}})
+        serving(md, 2)
+        settled(md, {2: REPLICAS})
+        only_version(md, traffic, 2)
+    outcomes = answered_only(traffic, origin, {1, 2})
+    figure(
+        "rolling 1 -> 2 under traffic",
+        f"{len(outcomes)} requests, {len(failures(outcomes))} failed, {dict(versions(outcomes))} per version",
+    )
+
+
+MD_EVENTS = "involvedObject.kind=ModelDeployment"
+EVENT_LINES = "jsonpath={range .items[*]}{.reason}: {.message}{'\\n'}{end}"
+
+ROLLBACK_CASES = {
+    # version 3's initialize raises: Triton runs, the model never becomes ready
+    "model fails to load": ({"model": {"version": 3}}, "corrupt (test)"),
+    # tritonserver refuses an unknown argument and exits: the container crash-loops
+    "server exits at start": ({"model": {"version": 2}, "server": {"args": ["--no-such-flag=1"]}}, "crash"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROLLBACK_CASES))
+def test_broken_version_rolls_back_by_itself_and_no_request_fails(
+    cluster: Cluster, operator: OperatorProcess, images: dict[str, str], namespace: str, case: str
+) -> None:
+    """A canary whose pods never become ready: rolled back automatically, the reason in status and a
+    Warning Event, stable at full capacity and answering every request throughout."""
+    change, reason = ROLLBACK_CASES[case]
+    rollout = {
+        "steps": [{"weight": 50, "pause": {"duration": "5s"}}, {"weight": 100}],
+        "progressDeadlineSeconds": 60,
+    }
+    cluster.apply(manifest("broken", images["triton"], rollout), namespace=namespace)
+    md = Model(cluster, namespace, "broken")
+    serving(md, 1)
+    host, port = md.service_address()
+    settled(md, {1: REPLICAS})
+    stable_ready: list[int] = []
+    with Traffic(host, port, MODEL, rate=60) as traffic:
+        origin = time.monotonic()
+        md.patch({"spec": change})
+
+        def rolled_back(st: dict[str, Any]) -> bool:
+            stable_ready.append(md.endpoints_by_revision().get(1, 0))
+            return (st.get("rollout") or {}).get("state") == "RolledBack"
+
+        st = wait_status(md, rolled_back, 300, "rolled back")
+        t_back = time.monotonic() - origin
+        serving(md, 1)
+        only_version(md, traffic, 1)
+    outcomes = answered_only(traffic, origin, {1})
+    assert min(stable_ready) == REPLICAS, f"stable lost capacity during the rollout: {stable_ready}"
+    text = f"{st.get('message')} {(st.get('rollout') or {}).get('reason')}"
+    assert reason in text.lower() or reason in text, text
+    warnings = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", f"{MD_EVENTS},type=Warning", "-o", EVENT_LINES
+    ).stdout  # fmt: skip
+    assert "RolledBack: " in warnings, warnings
+    figure(
+        f"automatic rollback ({case})",
+        f"rolled back {t_back:.1f}s after the change; {len(outcomes)} requests, "
+        f"{len(failures(outcomes))} failed, all answered by revision 1; stable ready endpoints "
+        f"min {min(stable_ready)}/{REPLICAS}",
+    )
