@@ -31,6 +31,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.real)
+    # test_lifecycle.py first whatever the file names sort as (test_chaos_real.py sorts before it):
+    # its own clusters must be up and down before the session cluster takes the host's real node.
+    items.sort(key=lambda item: Path(item.path).name != "test_lifecycle.py")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
