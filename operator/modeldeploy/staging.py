@@ -1,39 +1,59 @@
 """Init-container stager: fetch the model repository into the pod's /models.
 
-Used where Triton cannot read the storage URI itself (pvc://, http(s)://) or where a
-rendered config.pbtxt must be added to the repository (then also for s3://). Schemes:
+The operator stages every storage scheme with this init container (Triton is always started on
+the staged emptyDir; why, measured against Triton's own cloud storage, is in docs/storage.md).
+Schemes:
 
 * ``pvc://claim/sub/path``: copies ``<--pvc-root>/sub/path`` (the claim is mounted there).
 * ``http(s)://host/archive.tar.gz``: downloads and unpacks a tar archive (gzip, bzip2, xz
   or plain). Every member is checked first: absolute paths, ``..``, links pointing out of
-  the repository and device files are refused, naming the member.
-* ``s3://bucket/prefix`` (or Triton's ``s3://host:port/bucket/prefix``): lists the prefix
-  with ListObjectsV2 and downloads every object, signed with AWS Signature Version 4.
-  Endpoint: ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or ``S3_ENDPOINT`` (a host:port
-  without scheme is https unless ``S3_USE_HTTPS=0``), else the host:port in the URI, else
-  AWS (``https://<bucket>.s3.<region>.amazonaws.com``, virtual-hosted style; custom
-  endpoints use path style). Region: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default
-  us-east-1). Credentials: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and optional
-  ``AWS_SESSION_TOKEN``, from files of those names in ``--credentials-dir`` (the mounted
-  Secret) or else from the environment; none: anonymous requests. The settings above may
-  also be files in ``--credentials-dir``.
+  the repository and device files are refused, naming the member. A ``ca.crt`` in the
+  credentials Secret is trusted besides the system CAs.
+* ``s3://bucket/prefix`` (or Triton's ``s3://host:port/bucket/prefix``), ``gs://bucket/prefix``,
+  ``as://account/container/prefix``: every object under the prefix is listed and downloaded
+  by `obstore <https://developmentseed.org/obstore/>`_ (Rust ``object_store``), which speaks
+  the protocols and runs the standard credential providers (AWS web identity/STS, container
+  and instance credentials; Google service accounts and metadata; Azure workload identity,
+  managed identity). What the stager adds: the settings below, read from the files of the
+  mounted credentials Secret (``--credentials-dir``) first, then from the environment.
 
-Credentials are never printed: messages name where credentials came from, never their
-values, and every message is scrubbed of them. The S3 client is the standard library
-only (no boto3: the stager image stays small, and botocore's ``python-dateutil<3`` pin
-conflicts with the operator's kubernetes client).
+  S3: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``; ``AWS_REGION`` /
+  ``AWS_DEFAULT_REGION`` (default us-east-1); endpoint ``AWS_ENDPOINT_URL_S3``,
+  ``AWS_ENDPOINT_URL`` or ``S3_ENDPOINT`` (a host:port without scheme is https unless
+  ``S3_USE_HTTPS=0``), else the host:port in the URI, else AWS; web identity
+  (``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``, ``AWS_ROLE_SESSION_NAME``, STS at
+  ``AWS_ENDPOINT_URL_STS`` / ``AWS_STS_ENDPOINT`` / ``AWS_ENDPOINT_URL``, as on EKS); profiles
+  (``AWS_PROFILE`` in ``AWS_SHARED_CREDENTIALS_FILE`` / ``AWS_CONFIG_FILE``, default
+  ``~/.aws/…``, or files ``credentials`` / ``config`` in the Secret: static keys, or
+  ``role_arn`` + ``web_identity_token_file``; object_store has no profile support, so that
+  lookup is here); ``AWS_SKIP_SIGNATURE=true`` for public buckets.
+
+  GCS: a service-account key ``service-account.json`` in the Secret,
+  ``GOOGLE_APPLICATION_CREDENTIALS`` (a file) or ``GOOGLE_SERVICE_ACCOUNT_KEY`` (the JSON);
+  endpoint ``GOOGLE_BASE_URL`` or ``STORAGE_EMULATOR_HOST`` (fake-gcs-server; without
+  credentials then, requests are unsigned).
+
+  Azure: ``AZURE_STORAGE_ACCOUNT_KEY`` (or Triton's ``AZURE_STORAGE_KEY``),
+  ``AZURE_STORAGE_SAS_TOKEN``, or ``AZURE_STORAGE_CONNECTION_STRING`` (AccountName, AccountKey,
+  SharedAccessSignature, BlobEndpoint); endpoint ``AZURE_STORAGE_ENDPOINT`` or the connection
+  string's ``BlobEndpoint`` (Azurite: ``http://host:10000/devstoreaccount1``).
+
+Kept by hand (project rules, not protocol): archive member checks, path checks of every listed
+object, and credentials: never printed; messages name where credentials came from, never their
+values, and every message is scrubbed of every credential value the stager read.
 """
 
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
-import http.client
+import json
 import os
+import re
 import shutil
+import ssl
 import sys
 import tarfile
 import tempfile
@@ -42,27 +62,67 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-SUPPORTED_SCHEMES = {"pvc", "http", "https", "s3"}
+SUPPORTED_SCHEMES = {"pvc", "http", "https", "s3", "gs", "as"}
+CLOUD_SCHEMES = {"s3", "gs", "as"}
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-SETTING_KEYS = (
+# Settings the stager reads: a file of that name in the credentials dir, else the environment.
+S3_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
     "S3_ENDPOINT",
     "S3_USE_HTTPS",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_STS_ENDPOINT",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SKIP_SIGNATURE",
 )
-RETRIES = 3
+GCS_KEYS = (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_BASE_URL",
+    "STORAGE_EMULATOR_HOST",
+)
+AZURE_KEYS = (
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ENDPOINT",
+)
+# Values never printed (scrubbed from every message).
+SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+}
+GCS_KEY_FILE = "service-account.json"
+CA_FILE = "ca.crt"
 TIMEOUT = 60.0
 CHUNK = 1 << 20
-MAX_LIST_PAGES = 10_000
+# signatures and tokens in URLs an error message may quote (SAS, presigned S3)
+_URL_SECRETS = re.compile(
+    r"((?:sig|se|skoid|sktid|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=)[^&\s\"']+", re.I
+)
 
 
 class StageError(Exception):
@@ -136,116 +196,84 @@ def safe_extract(archive: Path, dest: Path) -> int:
         raise StageError(f"not a usable tar archive: {exc}") from exc
 
 
-# --------------------------------------------------------------------------- credentials
+# --------------------------------------------------------------------------- settings and scrubbing
 
 
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-    session_token: str | None = None
-    source: str = "environment"
+@dataclass
+class Settings:
+    """What the stager read: Secret files first, then the environment; remembers every secret
+    value it handed out so that :meth:`scrub` can remove them from any message."""
+
+    credentials_dir: Path | None
+    environ: Mapping[str, str]
+    secrets: set[str] = field(default_factory=set)
+    sources: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # never shows the values
-        return f"Credentials(source={self.source!r})"
+        return f"Settings(credentials_dir={self.credentials_dir!s}, keys={sorted(self.sources)})"
+
+    def file(self, name: str) -> Path | None:
+        if self.credentials_dir is not None and (self.credentials_dir / name).is_file():
+            return self.credentials_dir / name
+        return None
+
+    def get(self, key: str) -> str | None:
+        value: str | None = None
+        path = self.file(key)
+        if path is not None:
+            value = path.read_text().strip()
+            source = f"file {key} of the credentials Secret"
+        if not value:
+            value = self.environ.get(key, "").strip()
+            source = f"environment {key}"
+        if not value:
+            return None
+        self.sources[key] = source
+        if key in SECRET_KEYS:
+            self.remember(value)
+        return value
+
+    def remember(self, *values: str | None) -> None:
+        for v in values:
+            if v and len(v) >= 4:  # shorter "secrets" would scrub ordinary words
+                self.secrets.add(v)
 
     def scrub(self, text: str) -> str:
-        for secret in (self.access_key, self.secret_key, self.session_token):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return _URL_SECRETS.sub(r"\1***", text)
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, key)
 
 
-def read_settings(credentials_dir: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """Credentials and S3 settings: files in ``credentials_dir`` first, then the environment."""
-    out: dict[str, str] = {}
-    for key in (*CREDENTIAL_KEYS, *SETTING_KEYS):
-        value: str | None = None
-        if credentials_dir is not None and (credentials_dir / key).is_file():
-            value = (credentials_dir / key).read_text().strip()
-        if not value:
-            value = environ.get(key, "").strip()
-        if value:
-            out[key] = value
-    return out
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_credentials(credentials_dir: Path | None, environ: Mapping[str, str]) -> Credentials | None:
-    from_dir = credentials_dir is not None and all(
-        (credentials_dir / k).is_file() for k in CREDENTIAL_KEYS[:2]
-    )
-    settings = read_settings(credentials_dir if from_dir else None, environ)
-    key, secret = settings.get("AWS_ACCESS_KEY_ID"), settings.get("AWS_SECRET_ACCESS_KEY")
-    if not key or not secret:
-        return None
-    return Credentials(
-        key,
-        secret,
-        settings.get("AWS_SESSION_TOKEN"),
-        source=f"files in {credentials_dir}" if from_dir else "environment",
-    )
+def _client_options(endpoint: str | None, settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {"connect_timeout": "10s", "timeout": "3600s", "read_timeout": "120s"}
+    if endpoint and endpoint.startswith("http://"):
+        options["allow_http"] = True
+    ca = settings.file(CA_FILE)
+    if ca is not None:
+        options["root_certificate"] = ca.read_bytes()
+    return options
 
 
-# --------------------------------------------------------------------------- SigV4
+def _retry_config() -> dict[str, Any]:
+    """Bounded retries: a refused connection or 5xx is retried for at most a minute (obstore's default
+    is three), then the init container fails and the kubelet restarts it with its own back-off."""
+    return {
+        "max_retries": 5,
+        "retry_timeout": dt.timedelta(seconds=60),
+        "backoff": {"init_backoff": dt.timedelta(milliseconds=100), "max_backoff": dt.timedelta(seconds=10)},
+    }
 
 
-def _quote(value: str, safe: str = "-_.~") -> str:
-    return urllib.parse.quote(value, safe=safe)
-
-
-def sigv4_headers(
-    method: str,
-    url: str,
-    *,
-    region: str,
-    credentials: Credentials,
-    now: dt.datetime,
-    headers: Mapping[str, str] | None = None,
-    payload_sha256: str = EMPTY_SHA256,
-    service: str = "s3",
-) -> dict[str, str]:
-    """Headers (incl. Authorization) signing a request with AWS Signature Version 4.
-
-    ``url`` must already be encoded as it is sent (S3 signs the path as sent, without
-    encoding it twice); its query string is canonicalised here.
-    """
-    parts = urllib.parse.urlsplit(url)
-    amz_date = now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    datestamp = amz_date[:8]
-    out = {k: v for k, v in (headers or {}).items()}
-    out["host"] = parts.netloc
-    out["x-amz-date"] = amz_date
-    out["x-amz-content-sha256"] = payload_sha256
-    if credentials.session_token:
-        out["x-amz-security-token"] = credentials.session_token
-    canon = {k.lower().strip(): " ".join(v.strip().split()) for k, v in out.items()}
-    signed = ";".join(sorted(canon))
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    canonical_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query))
-    canonical_request = "\n".join(
-        [
-            method,
-            parts.path or "/",
-            canonical_query,
-            "".join(f"{k}:{canon[k]}\n" for k in sorted(canon)),
-            signed,
-            payload_sha256,
-        ]
-    )
-    scope = f"{datestamp}/{region}/{service}/aws4_request"
-    string_to_sign = "\n".join(
-        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
-    )
-    key = ("AWS4" + credentials.secret_key).encode()
-    for part in (datestamp, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
-    out["Authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
-        f"SignedHeaders={signed}, Signature={signature}"
-    )
-    del out["host"]  # sent as Host by the HTTP client, from the same URL
-    return out
+def _split(rest: str) -> tuple[str, str]:
+    first, _, path = rest.partition("/")
+    return first, path.strip("/")
 
 
 # --------------------------------------------------------------------------- S3
@@ -262,7 +290,7 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix} ({where})"
 
 
-def parse_s3_uri(uri: str, settings: Mapping[str, str]) -> S3Location:
+def parse_s3_uri(uri: str, settings: Mapping[str, str | None]) -> S3Location:
     rest = uri.split("://", 1)[1]
     first, _, path = rest.partition("/")
     endpoint = (
@@ -276,130 +304,459 @@ def parse_s3_uri(uri: str, settings: Mapping[str, str]) -> S3Location:
     if not bucket:
         raise StageError(f"{uri}: no bucket in the URI (s3://bucket/path or s3://host:port/bucket/path)")
     if endpoint and "://" not in endpoint:
-        https = settings.get("S3_USE_HTTPS", "1").lower() not in ("0", "false", "no")
+        https = (settings.get("S3_USE_HTTPS") or "1").lower() not in ("0", "false", "no")
         endpoint = ("https://" if https else "http://") + endpoint
     prefix = path.strip("/")
     return S3Location(bucket, prefix + "/" if prefix else "", endpoint.rstrip("/") if endpoint else None)
 
 
-class S3Client:
-    """Just enough S3 for the stager: ListObjectsV2 and GetObject, with retries."""
+def read_aws_profile(settings: Settings) -> tuple[str, dict[str, str]] | None:
+    """(where, values) of the AWS profile in the shared credentials/config files, if any.
 
-    def __init__(self, loc: S3Location, *, region: str, credentials: Credentials | None) -> None:
-        self.loc = loc
-        self.region = region
-        self.credentials = credentials
+    ``AWS_PROFILE`` (default ``default``); files: ``credentials``/``config`` in the Secret, else
+    ``AWS_SHARED_CREDENTIALS_FILE``/``AWS_CONFIG_FILE``, else ``~/.aws/credentials``/``~/.aws/config``.
+    In the config file a profile other than default is the section ``profile NAME``.
+    """
+    profile = settings.get("AWS_PROFILE") or "default"
+    home = Path(settings.environ.get("HOME") or "~").expanduser()
+    creds_file = settings.file("credentials") or Path(
+        settings.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws" / "credentials"
+    )
+    config_file = settings.file("config") or Path(settings.get("AWS_CONFIG_FILE") or home / ".aws" / "config")
+    values: dict[str, str] = {}
+    found: list[str] = []
+    for path, section in (
+        (config_file, profile if profile == "default" else f"profile {profile}"),
+        (creds_file, profile),
+    ):
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError) as exc:
+            raise StageError(f"AWS shared file {path}: unreadable ({type(exc).__name__})") from None
+        if parser.has_section(section):
+            values.update({k.lower(): v.strip() for k, v in parser.items(section)})
+            found.append(str(path))
+    if not found:
+        if settings.get("AWS_PROFILE"):
+            raise StageError(
+                f"AWS_PROFILE={profile}: no such profile in {creds_file} or {config_file}; add it, or "
+                "put AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into spec.model.credentialsSecret"
+            )
+        return None
+    settings.remember(values.get("aws_access_key_id"), values.get("aws_secret_access_key"))
+    settings.remember(values.get("aws_session_token"))
+    return f"profile {profile} ({', '.join(found)})", values
 
-    def _url(self, key: str = "", query: Mapping[str, str] | None = None) -> str:
-        path_key = _quote(key, safe="/-_.~")
-        if self.loc.endpoint:
-            url = f"{self.loc.endpoint}/{_quote(self.loc.bucket)}/{path_key}"
-        else:
-            url = f"https://{self.loc.bucket}.s3.{self.region}.amazonaws.com/{path_key}"
-        if query:
-            url += "?" + "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
-        return url
 
-    def scrub(self, text: str) -> str:
-        return self.credentials.scrub(text) if self.credentials else text
+def s3_config(loc: S3Location, settings: Settings) -> tuple[dict[str, Any], str]:
+    """obstore S3 configuration and a description of where the credentials come from."""
+    profile = read_aws_profile(settings)
+    pvals = profile[1] if profile else {}
+    region = settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION") or pvals.get("region")
+    config: dict[str, Any] = {"region": region or "us-east-1"}
+    if loc.endpoint:
+        config["endpoint"] = loc.endpoint
+        config["virtual_hosted_style_request"] = False
+    key, secret = settings.get("AWS_ACCESS_KEY_ID"), settings.get("AWS_SECRET_ACCESS_KEY")
+    token_file = settings.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+    role = settings.get("AWS_ROLE_ARN")
+    sts = settings.get("AWS_ENDPOINT_URL_STS") or settings.get("AWS_STS_ENDPOINT")
+    sts = sts or settings.get("AWS_ENDPOINT_URL")
+    if key or secret:
+        if not (key and secret):
+            missing, present = (
+                ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+                if key
+                else ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            )
+            raise StageError(
+                f"{missing} is missing ({settings.source(present)} is set): put both keys into "
+                "spec.model.credentialsSecret"
+            )
+        config.update(access_key_id=key, secret_access_key=secret)
+        session = settings.get("AWS_SESSION_TOKEN")
+        if session:
+            config["session_token"] = session
+        how = f"static keys from {settings.source('AWS_SECRET_ACCESS_KEY')}"
+    elif token_file or role:
+        if not (token_file and role):
+            raise StageError(
+                "web identity needs both AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN "
+                f"(only {'AWS_WEB_IDENTITY_TOKEN_FILE' if token_file else 'AWS_ROLE_ARN'} is set)"
+            )
+        how = _web_identity(config, settings, token_file, role, sts, settings.get("AWS_ROLE_SESSION_NAME"))
+        how = f"web identity ({settings.source('AWS_WEB_IDENTITY_TOKEN_FILE')}, {how})"
+    elif profile and pvals.get("aws_access_key_id") and pvals.get("aws_secret_access_key"):
+        config.update(
+            access_key_id=pvals["aws_access_key_id"], secret_access_key=pvals["aws_secret_access_key"]
+        )
+        if pvals.get("aws_session_token"):
+            config["session_token"] = pvals["aws_session_token"]
+        how = f"static keys from {profile[0]}"
+    elif profile and pvals.get("role_arn") and pvals.get("web_identity_token_file"):
+        how = _web_identity(
+            config, settings, pvals["web_identity_token_file"], pvals["role_arn"], sts,
+            pvals.get("role_session_name"),
+        )  # fmt: skip
+        how = f"web identity from {profile[0]}, {how}"
+    elif _truthy(settings.get("AWS_SKIP_SIGNATURE")):
+        config["skip_signature"] = True
+        how = "unsigned requests (AWS_SKIP_SIGNATURE)"
+    else:
+        how = "obstore's default AWS chain (container credentials, instance metadata)"
+    return config, how
 
-    @contextlib.contextmanager
-    def _get(self, url: str) -> Iterator[http.client.HTTPResponse]:
-        last = ""
-        for attempt in range(1, RETRIES + 1):
-            headers: dict[str, str] = {}
-            if self.credentials is not None:
-                headers = sigv4_headers(
-                    "GET", url, region=self.region, credentials=self.credentials, now=dt.datetime.now(dt.UTC)
+
+def _web_identity(
+    config: dict[str, Any],
+    settings: Settings,
+    token_file: str,
+    role: str,
+    sts: str | None,
+    session_name: str | None,
+) -> str:
+    path = Path(token_file)
+    if not path.is_file():
+        raise StageError(
+            f"web identity token file {token_file} does not exist: mount the projected service account "
+            "token there (EKS: the pod identity webhook does), or fix AWS_WEB_IDENTITY_TOKEN_FILE"
+        )
+    settings.remember(path.read_text().strip())
+    name = session_name or "modeldeploy-stager"
+    if sts:
+        # obstore 0.12 always asks https://sts.<region>.amazonaws.com (its documented ``sts_endpoint``
+        # key is refused at run time), so a custom STS endpoint gets this provider instead.
+        config["_credential_provider"] = WebIdentityProvider(sts, role, path, name, settings)
+    else:
+        config.update(web_identity_token_file=str(path), role_arn=role, role_session_name=name)
+    return f"role {role}, STS {sts or 'of AWS'}"
+
+
+STS_NS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
+
+
+@dataclass
+class WebIdentityProvider:
+    """AssumeRoleWithWebIdentity at a custom STS endpoint (an obstore S3 credential provider)."""
+
+    endpoint: str
+    role_arn: str
+    token_file: Path
+    session_name: str
+    settings: Settings
+
+    def __repr__(self) -> str:
+        return f"WebIdentityProvider({self.endpoint}, {self.role_arn})"
+
+    def __call__(self) -> dict[str, Any]:
+        token = self.token_file.read_text().strip()
+        self.settings.remember(token)
+        body = urllib.parse.urlencode(
+            {
+                "Action": "AssumeRoleWithWebIdentity",
+                "Version": "2011-06-15",
+                "RoleArn": self.role_arn,
+                "RoleSessionName": self.session_name,
+                "WebIdentityToken": token,
+            }
+        ).encode()
+        req = urllib.request.Request(
+            self.endpoint, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT, context=_ssl_context(self.settings)) as resp:
+                doc = ET.fromstring(resp.read())
+        except urllib.error.HTTPError as err:
+            detail = err.read(4096).decode(errors="replace")
+            raise StageError(
+                self.settings.scrub(
+                    f"AssumeRoleWithWebIdentity at {self.endpoint} for {self.role_arn} answered {err.code}: "
+                    f"{' '.join(detail.split())}; check the role's trust policy and the token's audience"
                 )
-            headers["Host"] = urllib.parse.urlsplit(url).netloc
-            req = urllib.request.Request(url, headers=headers, method="GET")
-            try:
-                resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=TIMEOUT)
-            except urllib.error.HTTPError as err:
-                code, message = _s3_error(err)
-                last = f"GET {_redact_url(url)} answered {err.code} {code}: {message}"
-                if err.code < 500 or attempt == RETRIES:
-                    raise StageError(self.scrub(last)) from None
-            except (urllib.error.URLError, OSError) as err:
-                last = f"GET {_redact_url(url)}: {err}"
-                if attempt == RETRIES:
-                    raise StageError(self.scrub(last)) from None
-            else:
-                with resp:
-                    yield resp
-                return
-            time.sleep(0.5 * 2 ** (attempt - 1))  # retry back-off (bounded: RETRIES attempts)
-        raise StageError(self.scrub(last))  # pragma: no cover
-
-    def list(self) -> list[str]:
-        keys: list[str] = []
-        token: str | None = None
-        for _ in range(MAX_LIST_PAGES):
-            query = {"list-type": "2", "prefix": self.loc.prefix}
-            if token:
-                query["continuation-token"] = token
-            with self._get(self._url("", query)) as resp:
-                body = resp.read()
-            try:
-                root = ET.fromstring(body)
-            except ET.ParseError as exc:
-                raise StageError(
-                    f"ListObjectsV2 of {self.loc.describe()}: unparsable answer: {exc}"
-                ) from None
-            keys.extend(el.text or "" for el in root.iter(f"{S3_NS}Key"))
-            truncated = (root.findtext(f"{S3_NS}IsTruncated") or "false").lower() == "true"
-            token = root.findtext(f"{S3_NS}NextContinuationToken")
-            if not truncated or not token:
-                return keys
-        raise StageError(f"{self.loc.describe()}: more than {MAX_LIST_PAGES} pages of objects")
-
-    def download(self, key: str, target: Path) -> int:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        size = 0
-        with self._get(self._url(key)) as resp, tmp.open("wb") as fh:
-            while chunk := resp.read(CHUNK):
-                fh.write(chunk)
-                size += len(chunk)
-        tmp.replace(target)
-        return size
+            ) from None
+        except (urllib.error.URLError, OSError, ET.ParseError) as err:
+            raise StageError(
+                self.settings.scrub(f"AssumeRoleWithWebIdentity at {self.endpoint}: {err}")
+            ) from None
+        creds = doc.find(f".//{STS_NS}Credentials")
+        if creds is None:
+            raise StageError(f"AssumeRoleWithWebIdentity at {self.endpoint}: no Credentials in the answer")
+        out: dict[str, Any] = {
+            "access_key_id": creds.findtext(f"{STS_NS}AccessKeyId") or "",
+            "secret_access_key": creds.findtext(f"{STS_NS}SecretAccessKey") or "",
+            "token": creds.findtext(f"{STS_NS}SessionToken") or None,
+            "expires_at": None,
+        }
+        self.settings.remember(out["access_key_id"], out["secret_access_key"], out["token"])
+        expiration = creds.findtext(f"{STS_NS}Expiration")
+        if expiration:
+            with contextlib.suppress(ValueError):
+                out["expires_at"] = dt.datetime.fromisoformat(expiration.replace("Z", "+00:00"))
+        return out
 
 
-def _redact_url(url: str) -> str:
-    """A URL without its query string (continuation tokens are noise)."""
-    return url.split("?", 1)[0]
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca = settings.file(CA_FILE)
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+    return context
 
 
-def _s3_error(err: urllib.error.HTTPError) -> tuple[str, str]:
-    """(Code, Message) of an S3 error answer; other elements (e.g. AWSAccessKeyId,
-    StringToSign) are never looked at."""
+# --------------------------------------------------------------------------- GCS and Azure
+
+
+def gcs_config(bucket: str, settings: Settings) -> tuple[dict[str, Any], str | None, str]:
+    """obstore GCS configuration, the endpoint (None: Google), where the credentials come from."""
+    config: dict[str, Any] = {}
+    endpoint = settings.get("GOOGLE_BASE_URL") or settings.get("STORAGE_EMULATOR_HOST")
+    if endpoint:
+        endpoint = endpoint.rstrip("/")
+        if "://" not in endpoint:
+            endpoint = "http://" + endpoint  # STORAGE_EMULATOR_HOST is often host:port
+        config["base_url"] = endpoint
+    key_path = settings.file(GCS_KEY_FILE)
+    key_json = settings.get("GOOGLE_SERVICE_ACCOUNT_KEY")
+    adc = settings.get("GOOGLE_APPLICATION_CREDENTIALS")
+    how: str
+    if key_path is not None:
+        key_json, how = key_path.read_text(), f"service account key {GCS_KEY_FILE} of the credentials Secret"
+    elif key_json:
+        how = f"service account key from {settings.source('GOOGLE_SERVICE_ACCOUNT_KEY')}"
+    elif adc:
+        if not Path(adc).is_file():
+            raise StageError(f"GOOGLE_APPLICATION_CREDENTIALS={adc}: no such file")
+        key_json, how = Path(adc).read_text(), f"credentials file {adc} (GOOGLE_APPLICATION_CREDENTIALS)"
+    elif endpoint:
+        config["skip_signature"] = True
+        how = "unsigned requests (emulator endpoint, no credentials)"
+    else:
+        how = "obstore's default Google chain (metadata server)"
+    if key_json:
+        try:
+            doc = json.loads(key_json)
+        except ValueError:
+            raise StageError(f"{how}: not JSON; it must be a Google service account key file") from None
+        if not isinstance(doc, dict):
+            raise StageError(f"{how}: not a JSON object; it must be a Google service account key file")
+        settings.remember(key_json, *(str(doc.get(k) or "") for k in ("private_key", "private_key_id")))
+        for line in str(doc.get("private_key") or "").splitlines():
+            settings.remember(line if len(line) > 16 else None)
+        if doc.get("type") == "service_account":
+            config["service_account_key"] = key_json
+        else:
+            config["application_credentials"] = _keep_file(key_json)
+    return config, endpoint, how
+
+
+def _keep_file(text: str) -> str:
+    fd, name = tempfile.mkstemp(prefix="gcs-credentials-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return name
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    """``Key=Value;…`` of an Azure storage connection string (values may contain ``=``)."""
+    out: dict[str, str] = {}
+    for part in text.strip().split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise StageError("AZURE_STORAGE_CONNECTION_STRING: a part without '=' (expected Key=Value;...)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azure_config(account: str, settings: Settings) -> tuple[dict[str, Any], str | None, str]:
+    config: dict[str, Any] = {"account_name": account}
+    endpoint = settings.get("AZURE_STORAGE_ENDPOINT")
+    conn_text = settings.get("AZURE_STORAGE_CONNECTION_STRING")
+    conn = parse_connection_string(conn_text) if conn_text else {}
+    if conn:
+        settings.remember(conn.get("AccountKey"), conn.get("SharedAccessSignature"))
+        if _truthy(conn.get("UseDevelopmentStorage")):
+            conn.setdefault("AccountName", AZURITE_ACCOUNT)
+            conn.setdefault("AccountKey", AZURITE_KEY)
+            conn.setdefault("BlobEndpoint", f"http://127.0.0.1:10000/{AZURITE_ACCOUNT}")
+        named = conn.get("AccountName")
+        if named and named != account:
+            raise StageError(
+                f"AZURE_STORAGE_CONNECTION_STRING names account {named!r}, spec.model.storageUri account "
+                f"{account!r}: make them agree (as://{named}/container/path)"
+            )
+        endpoint = endpoint or conn.get("BlobEndpoint")
+        if not endpoint and conn.get("EndpointSuffix"):
+            proto = conn.get("DefaultEndpointsProtocol", "https")
+            endpoint = f"{proto}://{account}.blob.{conn['EndpointSuffix']}"
+    key = (
+        settings.get("AZURE_STORAGE_ACCOUNT_KEY")
+        or settings.get("AZURE_STORAGE_KEY")
+        or conn.get("AccountKey")
+    )
+    sas = settings.get("AZURE_STORAGE_SAS_TOKEN") or conn.get("SharedAccessSignature")
+    if key:
+        config["account_key"] = key
+        src = "AZURE_STORAGE_ACCOUNT_KEY" if settings.sources.get("AZURE_STORAGE_ACCOUNT_KEY") else None
+        src = src or ("AZURE_STORAGE_KEY" if settings.sources.get("AZURE_STORAGE_KEY") else None)
+        how = f"account key from {settings.source(src) if src else 'the connection string'}"
+    elif sas:
+        config["sas_key"] = sas.lstrip("?")
+        src = "AZURE_STORAGE_SAS_TOKEN" if settings.sources.get("AZURE_STORAGE_SAS_TOKEN") else None
+        how = f"SAS token from {settings.source(src) if src else 'the connection string'}"
+    else:
+        how = "obstore's default Azure chain (workload identity, managed identity)"
+    if endpoint:
+        config["endpoint"] = endpoint.rstrip("/")
+    return config, endpoint, how
+
+
+# --------------------------------------------------------------------------- object stores
+
+
+@dataclass
+class Bucket:
+    """An obstore store rooted at the repository prefix, and how to describe it."""
+
+    store: Any
+    where: str
+    how: str
+
+
+def open_store(uri: str, settings: Settings) -> Bucket:
+    from obstore.store import AzureStore, GCSStore, S3Store
+
+    scheme, _, rest = uri.partition("://")
+    if scheme == "s3":
+        loc = parse_s3_uri(uri, {k: settings.get(k) for k in S3_KEYS[3:9]})
+        config, how = s3_config(loc, settings)
+        provider = config.pop("_credential_provider", None)
+        store: Any = S3Store(
+            loc.bucket,
+            prefix=loc.prefix.rstrip("/") or None,
+            config=config,  # type: ignore[arg-type]
+            client_options=_client_options(loc.endpoint, settings),  # type: ignore[arg-type]
+            retry_config=_retry_config(),  # type: ignore[arg-type]
+            credential_provider=provider,
+        )
+        return Bucket(store, loc.describe(), how)
+    if scheme == "gs":
+        bucket, prefix = _split(rest)
+        if not bucket:
+            raise StageError(f"{uri}: no bucket in the URI (gs://bucket/path)")
+        config, endpoint, how = gcs_config(bucket, settings)
+        store = GCSStore(
+            bucket,
+            prefix=prefix or None,
+            config=config,  # type: ignore[arg-type]
+            client_options=_client_options(endpoint, settings),  # type: ignore[arg-type]
+            retry_config=_retry_config(),  # type: ignore[arg-type]
+        )
+        return Bucket(store, f"gs://{bucket}/{prefix} ({endpoint or 'Google'})", how)
+    if scheme == "as":
+        account, path = _split(rest)
+        container, _, prefix = path.partition("/")
+        if not account or not container:
+            raise StageError(f"{uri}: expected as://account/container/path")
+        config, endpoint, how = azure_config(account, settings)
+        store = AzureStore(
+            container,
+            prefix=prefix.strip("/") or None,
+            config=config,  # type: ignore[arg-type]
+            client_options=_client_options(endpoint, settings),  # type: ignore[arg-type]
+            retry_config=_retry_config(),  # type: ignore[arg-type]
+        )
+        where = endpoint or f"https://{account}.blob.core.windows.net"
+        return Bucket(store, f"as://{account}/{container}/{prefix.strip('/')} ({where})", how)
+    raise StageError(f"{scheme}:// is not an object store")  # pragma: no cover
+
+
+def _fix_for(text: str) -> str:
+    """A hint naming the fix, for the usual failures."""
+    low = text.lower()
+    if any(s in low for s in ("nosuchbucket", "no bucket", "containernotfound", "404 not found")):
+        return "; check the bucket/container and path in spec.model.storageUri"
+    if any(s in low for s in ("403", "forbidden", "signaturedoesnotmatch", "invalidaccesskeyid", "401")):
+        return (
+            "; check the credentials in spec.model.credentialsSecret (or the pod's identity) and that they "
+            "may read the prefix"
+        )
+    if any(s in low for s in ("connect", "dns", "resolve", "timed out", "operation timed out")):
+        return "; check the endpoint (and that the pod may reach it)"
+    return ""
+
+
+def fetch_objects(uri: str, dest: Path, settings: Settings) -> str:
+    import obstore
+    from obstore.exceptions import BaseError
+
+    bucket = open_store(uri, settings)
+    total = count = 0
     try:
-        body = err.read(65536)
-        root = ET.fromstring(body)
-    except (ET.ParseError, OSError, ValueError):
-        return (err.reason if isinstance(err.reason, str) else "Error"), ""
-    return (root.findtext("Code") or "Error", root.findtext("Message") or "")
-
-
-def fetch_s3(uri: str, dest: Path, *, credentials_dir: Path | None, environ: Mapping[str, str]) -> str:
-    settings = read_settings(credentials_dir, environ)
-    loc = parse_s3_uri(uri, settings)
-    region = settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION") or "us-east-1"
-    creds = load_credentials(credentials_dir, environ)
-    client = S3Client(loc, region=region, credentials=creds)
-    keys = [k for k in client.list() if not k.endswith("/")]  # "directory" markers carry nothing
-    if not keys:
-        raise StageError(f"{loc.describe()}: no objects under the prefix")
-    total = 0
-    for key in keys:
-        rel = safe_relative(key[len(loc.prefix) :])
-        total += client.download(key, dest / rel)
-    how = f"credentials from {creds.source}" if creds else "anonymous"
-    return f"{len(keys)} objects, {total} bytes from {loc.describe()}, {how}"
+        paths: list[str] = []
+        for batch in obstore.list(bucket.store):
+            paths.extend(str(meta["path"]) for meta in batch)
+        paths = [p for p in paths if not p.endswith("/")]  # "directory" markers carry nothing
+        if not paths:
+            raise StageError(f"{bucket.where}: no objects under the prefix; check spec.model.storageUri")
+        for path in sorted(paths):
+            target = dest / safe_relative(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            with tmp.open("wb") as fh:
+                for chunk in obstore.get(bucket.store, path).stream(min_chunk_size=CHUNK):
+                    fh.write(chunk)
+                    total += len(chunk)
+            tmp.replace(target)
+            count += 1
+    except BaseError as exc:
+        text = settings.scrub(" ".join(str(exc).split("Debug source:", 1)[0].split()))
+        if len(text) > 1500:
+            text = text[:1500] + "…"
+        raise StageError(
+            f"{bucket.where} ({bucket.how}): {type(exc).__name__}: {text}{_fix_for(text)}"
+        ) from None
+    return f"{count} objects, {total} bytes from {bucket.where}, {bucket.how}"
 
 
 # --------------------------------------------------------------------------- fetch
+
+
+def _redact_url(url: str) -> str:
+    """A URL without its query string (tokens, SAS) and userinfo."""
+    parts = urllib.parse.urlsplit(url.split("?", 1)[0])
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+    return urllib.parse.urlunsplit(parts)
+
+
+def fetch_archive(uri: str, dest: Path, settings: Settings) -> str:
+    context = _ssl_context(settings) if uri.startswith("https://") else None
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "repo.tar"
+        try:
+            with (
+                urllib.request.urlopen(uri, timeout=TIMEOUT, context=context) as resp,
+                archive.open("wb") as fh,
+            ):
+                shutil.copyfileobj(resp, fh, CHUNK)
+        except urllib.error.HTTPError as err:
+            raise StageError(
+                f"GET {_redact_url(uri)} answered {err.code} {err.reason}; check spec.model.storageUri"
+            ) from None
+        except (urllib.error.URLError, OSError) as err:
+            hint = ""
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                hint = f"; put the server's CA certificate into spec.model.credentialsSecret as {CA_FILE}"
+            raise StageError(settings.scrub(f"GET {_redact_url(uri)}: {err}{hint}")) from None
+        members = safe_extract(archive, dest)
+    return f"unpacked {members} archive members from {_redact_url(uri)}"
 
 
 def fetch(
@@ -412,7 +769,7 @@ def fetch(
 ) -> str:
     """Fill ``dest`` from ``uri``; returns a one-line summary. Raises :class:`StageError`."""
     scheme, _, rest = uri.partition("://")
-    env = os.environ if environ is None else environ
+    settings = Settings(credentials_dir, os.environ if environ is None else environ)
     dest.mkdir(parents=True, exist_ok=True)
     if scheme == "pvc":
         _claim, _, sub = rest.partition("/")
@@ -425,19 +782,12 @@ def fetch(
         shutil.copytree(src, dest, dirs_exist_ok=True)
         return f"copied {src}"
     if scheme in ("http", "https"):
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = Path(tmp) / "repo.tar"
-            try:
-                with urllib.request.urlopen(uri, timeout=TIMEOUT) as resp, archive.open("wb") as fh:
-                    shutil.copyfileobj(resp, fh, CHUNK)
-            except urllib.error.HTTPError as err:
-                raise StageError(f"GET {_redact_url(uri)} answered {err.code} {err.reason}") from None
-            except (urllib.error.URLError, OSError) as err:
-                raise StageError(f"GET {_redact_url(uri)}: {err}") from None
-            members = safe_extract(archive, dest)
-        return f"unpacked {members} archive members from {_redact_url(uri)}"
-    if scheme == "s3":
-        return fetch_s3(uri, dest, credentials_dir=credentials_dir, environ=env)
+        return fetch_archive(uri, dest, settings)
+    if scheme in CLOUD_SCHEMES:
+        try:
+            return fetch_objects(uri, dest, settings)
+        except StageError as exc:
+            raise StageError(settings.scrub(str(exc))) from None
     raise StageError(
         f"storage scheme {scheme}:// is not supported by the stager (supported: "
         f"{', '.join(sorted(SUPPORTED_SCHEMES))})"
@@ -447,12 +797,13 @@ def fetch(
 def main(args: argparse.Namespace) -> int:
     dest = Path(args.dest)
     creds_dir = Path(args.credentials_dir) if args.credentials_dir else None
+    started = time.monotonic()
     try:
         summary = fetch(args.uri, dest, pvc_root=Path(args.pvc_root), credentials_dir=creds_dir)
     except StageError as exc:
         print(f"stage: {_redact_url(args.uri)}: {exc}", file=sys.stderr)
         return 1
-    print(f"stage: {summary}")
+    print(f"stage: {summary} in {time.monotonic() - started:.2f}s")
     model_dir = dest / args.model
     if not model_dir.is_dir():
         print(f"stage: the repository has no directory {args.model}/", file=sys.stderr)

@@ -165,7 +165,7 @@ def test_s3_stage_with_env_credentials_then_serve(
     assert proc.returncode == 0, proc.stderr
     s3.assert_no_secrets(proc)
     assert "2 objects" not in proc.stdout  # config.pbtxt was not in the bucket
-    assert "1 objects" in proc.stdout and "credentials from environment" in proc.stdout
+    assert "1 objects" in proc.stdout and "static keys from environment AWS_SECRET_ACCESS_KEY" in proc.stdout
     assert (dest / MODEL / "config.pbtxt").read_text() == rendered_config()
     serve_and_infer(triton_server, dest)
 
@@ -190,7 +190,7 @@ def test_s3_stage_with_credentials_dir_and_triton_style_uri(
     )
     assert proc.returncode == 0, proc.stderr
     s3.assert_no_secrets(proc)
-    assert f"credentials from files in {creds}" in proc.stdout
+    assert "static keys from file AWS_SECRET_ACCESS_KEY of the credentials Secret" in proc.stdout
     serve_and_infer(triton_server, dest)
 
 

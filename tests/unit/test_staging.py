@@ -1,14 +1,15 @@
-"""The init-container stager's pure parts: archive safety, SigV4, S3 URIs, credentials, pvc paths.
+"""The init-container stager's pure parts: archive safety, S3 URIs, where credentials come from (Secret
+files, environment, web identity, AWS profiles, GCS keys, Azure keys/SAS/connection strings), scrubbing.
 
-Fetching from real servers (S3, HTTP, a PVC directory) and loading the result in a real
-tritonserver is tests/triton/test_staging_real.py.
+Fetching from real servers (moto S3 + STS, fake-gcs-server, Azurite, HTTPS, a PVC directory) is
+tests/triton/test_storage_schemes.py and tests/triton/test_staging_real.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -16,65 +17,30 @@ import pytest
 
 from modeldeploy import staging
 from modeldeploy.staging import (
-    Credentials,
     S3Location,
+    Settings,
     StageError,
+    azure_config,
     check_archive,
-    load_credentials,
+    gcs_config,
+    parse_connection_string,
     parse_s3_uri,
+    s3_config,
     safe_extract,
     safe_relative,
-    sigv4_headers,
 )
 
-# AWS's documented example key pair (Signature Version 4 examples for Amazon S3).
-AWS_EXAMPLE = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
-AWS_EXAMPLE_TIME = dt.datetime(2013, 5, 24, tzinfo=dt.UTC)
+
+def test_every_api_scheme_is_supported() -> None:
+    assert {"pvc", "http", "https", "s3", "gs", "as"} == staging.SUPPORTED_SCHEMES
 
 
-def test_s3_is_supported() -> None:
-    assert {"pvc", "http", "https", "s3"} <= staging.SUPPORTED_SCHEMES
-
-
-# --------------------------------------------------------------------------- SigV4
-
-
-def test_sigv4_get_object_matches_the_aws_example() -> None:
-    headers = sigv4_headers(
-        "GET",
-        "https://examplebucket.s3.amazonaws.com/test.txt",
-        region="us-east-1",
-        credentials=AWS_EXAMPLE,
-        now=AWS_EXAMPLE_TIME,
-        headers={"Range": "bytes=0-9"},
-    )
-    assert headers["Authorization"] == (
-        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
-        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
-        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
-    )
-    assert headers["x-amz-date"] == "20130524T000000Z"
-
-
-def test_sigv4_list_objects_matches_the_aws_example() -> None:
-    headers = sigv4_headers(
-        "GET",
-        "https://examplebucket.s3.amazonaws.com/?max-keys=2&prefix=J",
-        region="us-east-1",
-        credentials=AWS_EXAMPLE,
-        now=AWS_EXAMPLE_TIME,
-    )
-    assert headers["Authorization"].endswith(
-        "SignedHeaders=host;x-amz-content-sha256;x-amz-date, "
-        "Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"
-    )
-
-
-def test_sigv4_session_token_is_signed() -> None:
-    creds = Credentials("AKID", "secret", "token123")
-    headers = sigv4_headers("GET", "http://h:9/b/k", region="r", credentials=creds, now=AWS_EXAMPLE_TIME)
-    assert headers["x-amz-security-token"] == "token123"
-    assert "x-amz-security-token" in headers["Authorization"].split("SignedHeaders=")[1]
+def settings(tmp_path: Path | None = None, env: dict[str, str] | None = None, **files: str) -> Settings:
+    if tmp_path is not None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        for name, value in files.items():
+            (tmp_path / name).write_text(value + "\n")
+    return Settings(tmp_path, {"HOME": "/nonexistent", **(env or {})})
 
 
 # --------------------------------------------------------------------------- S3 URIs and credentials
@@ -114,26 +80,121 @@ def test_parse_s3_uri_needs_a_bucket() -> None:
         parse_s3_uri("s3://host:9000/", {})
 
 
-def test_s3_urls_path_style_for_endpoints_virtual_hosted_for_aws() -> None:
-    custom = staging.S3Client(S3Location("b", "p/", "http://h:1"), region="r", credentials=None)
-    assert custom._url("p/a b/c+d.txt") == "http://h:1/b/p/a%20b/c%2Bd.txt"
-    aws = staging.S3Client(S3Location("b", "p/", None), region="eu-west-1", credentials=None)
-    assert aws._url("", {"prefix": "p/", "list-type": "2"}) == (
-        "https://b.s3.eu-west-1.amazonaws.com/?list-type=2&prefix=p%2F"
+LOC = S3Location("models", "repo/", "http://127.0.0.1:9000")
+
+
+def test_static_keys_from_secret_files_win_over_env_and_never_show(tmp_path: Path) -> None:
+    st = settings(
+        tmp_path,
+        {"AWS_ACCESS_KEY_ID": "ENVKEYID", "AWS_SECRET_ACCESS_KEY": "envsecret"},
+        AWS_ACCESS_KEY_ID="DIRKEYID",
+        AWS_SECRET_ACCESS_KEY="dirsecret",
     )
+    config, how = s3_config(LOC, st)
+    assert (config["access_key_id"], config["secret_access_key"]) == ("DIRKEYID", "dirsecret")
+    assert config["endpoint"] == "http://127.0.0.1:9000" and config["region"] == "us-east-1"
+    assert how == "static keys from file AWS_SECRET_ACCESS_KEY of the credentials Secret"
+    assert "dirsecret" not in repr(st) and "DIRKEYID" not in repr(st)
+    assert st.scrub("key DIRKEYID secret dirsecret") == "key *** secret ***"
+    env_only = settings(None, {"AWS_ACCESS_KEY_ID": "ENVKEYID", "AWS_SECRET_ACCESS_KEY": "envsecret"})
+    assert s3_config(LOC, env_only)[1] == "static keys from environment AWS_SECRET_ACCESS_KEY"
 
 
-def test_credentials_from_dir_win_over_env_and_never_show(tmp_path: Path) -> None:
-    (tmp_path / "AWS_ACCESS_KEY_ID").write_text("DIRKEY\n")
-    (tmp_path / "AWS_SECRET_ACCESS_KEY").write_text("dirsecret\n")
-    env = {"AWS_ACCESS_KEY_ID": "ENVKEY", "AWS_SECRET_ACCESS_KEY": "envsecret"}
-    creds = load_credentials(tmp_path, env)
-    assert creds is not None and (creds.access_key, creds.secret_key) == ("DIRKEY", "dirsecret")
-    assert "dirsecret" not in repr(creds) and "DIRKEY" not in repr(creds) and str(tmp_path) in repr(creds)
-    assert creds.scrub("key DIRKEY secret dirsecret") == "key *** secret ***"
-    from_env = load_credentials(tmp_path / "missing", env)
-    assert from_env is not None and from_env.access_key == "ENVKEY" and from_env.source == "environment"
-    assert load_credentials(None, {}) is None
+def test_half_a_key_pair_names_the_missing_half(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"AWS_SECRET_ACCESS_KEY is missing .*credentialsSecret"):
+        s3_config(LOC, settings(tmp_path, AWS_ACCESS_KEY_ID="AKIDONLY"))
+
+
+def test_web_identity_as_on_eks(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("eyJ.token.sig")
+    env = {"AWS_WEB_IDENTITY_TOKEN_FILE": str(token), "AWS_ROLE_ARN": "arn:aws:iam::1:role/r"}
+    st = settings(None, env)
+    config, how = s3_config(S3Location("b", "", None), st)
+    # AWS's STS: obstore's own provider
+    assert config["web_identity_token_file"] == str(token) and config["role_arn"] == "arn:aws:iam::1:role/r"
+    assert "web identity" in how and "STS of AWS" in how
+    assert st.scrub("token eyJ.token.sig") == "token ***"
+    # a custom STS endpoint: the stager's provider (obstore cannot be pointed elsewhere)
+    config, how = s3_config(LOC, settings(None, {**env, "AWS_ENDPOINT_URL_STS": "https://sts.local"}))
+    assert isinstance(config["_credential_provider"], staging.WebIdentityProvider)
+    assert "web_identity_token_file" not in config and "STS https://sts.local" in how
+    with pytest.raises(StageError, match="does not exist"):
+        s3_config(LOC, settings(None, {**env, "AWS_WEB_IDENTITY_TOKEN_FILE": str(tmp_path / "nope")}))
+    with pytest.raises(StageError, match="needs both"):
+        s3_config(LOC, settings(None, {"AWS_ROLE_ARN": "arn:aws:iam::1:role/r"}))
+
+
+def test_profiles_from_the_secret_or_shared_files(tmp_path: Path) -> None:
+    creds = "[default]\naws_access_key_id = AKIDDEFAULT\naws_secret_access_key = defsecret\n"
+    creds += "[team]\naws_access_key_id = AKIDTEAM\naws_secret_access_key = teamsecret\n"
+    config_file = "[profile team]\nregion = eu-west-3\n"
+    st = settings(tmp_path / "s", {"AWS_PROFILE": "team"}, credentials=creds, config=config_file)
+    config, how = s3_config(LOC, st)
+    assert (config["access_key_id"], config["region"]) == ("AKIDTEAM", "eu-west-3")
+    assert how.startswith("static keys from profile team")
+    assert st.scrub("teamsecret") == "***"
+    shared = tmp_path / "shared"
+    shared.write_text(creds)
+    config, _ = s3_config(LOC, settings(None, {"AWS_SHARED_CREDENTIALS_FILE": str(shared)}))
+    assert config["access_key_id"] == "AKIDDEFAULT"
+    with pytest.raises(StageError, match="AWS_PROFILE=ghost: no such profile"):
+        s3_config(LOC, settings(None, {"AWS_PROFILE": "ghost", "AWS_SHARED_CREDENTIALS_FILE": str(shared)}))
+
+
+def test_no_credentials_public_bucket_or_default_chain() -> None:
+    config, how = s3_config(LOC, settings(None, {"AWS_SKIP_SIGNATURE": "true"}))
+    assert config["skip_signature"] is True and "unsigned" in how
+    config, how = s3_config(LOC, settings(None, {}))
+    assert "access_key_id" not in config and "default AWS chain" in how
+
+
+def test_gcs_service_account_from_the_secret(tmp_path: Path) -> None:
+    key = {"type": "service_account", "private_key_id": "kid0123456789", "private_key": "-----BEGIN-----x"}
+    files = {"service-account.json": json.dumps(key)}
+    st = settings(tmp_path, {"STORAGE_EMULATOR_HOST": "127.0.0.1:4443"}, **files)
+    config, endpoint, how = gcs_config("b", st)
+    assert endpoint == "http://127.0.0.1:4443" and config["base_url"] == endpoint
+    assert json.loads(config["service_account_key"]) == key and "service-account.json" in how
+    assert st.scrub("kid0123456789") == "***"
+    config, _, how = gcs_config("b", settings(None, {"STORAGE_EMULATOR_HOST": "http://h:1"}))
+    assert config["skip_signature"] is True and "unsigned" in how
+    with pytest.raises(StageError, match="not JSON"):
+        gcs_config("b", settings(tmp_path / "bad", **{"service-account.json": "{nope"}))
+
+
+def test_azure_connection_string_key_and_sas(tmp_path: Path) -> None:
+    conn = "DefaultEndpointsProtocol=http;AccountName=acct;AccountKey=a2V5a2V5a2V5==;BlobEndpoint=http://h:1/acct;"
+    assert parse_connection_string(conn)["AccountKey"] == "a2V5a2V5a2V5=="
+    st = settings(tmp_path, AZURE_STORAGE_CONNECTION_STRING=conn)
+    config, endpoint, how = azure_config("acct", st)
+    assert config == {"account_name": "acct", "account_key": "a2V5a2V5a2V5==", "endpoint": "http://h:1/acct"}
+    assert how == "account key from the connection string"
+    assert st.scrub(f"{conn} a2V5a2V5a2V5==") == "*** ***"
+    with pytest.raises(StageError, match=r"names account 'acct'.*as://acct/"):
+        azure_config("other", settings(tmp_path))
+    config, endpoint, how = azure_config(
+        "acct", settings(None, {"AZURE_STORAGE_SAS_TOKEN": "?sv=1&sig=abcd"})
+    )
+    assert config["sas_key"] == "sv=1&sig=abcd" and endpoint is None and "SAS" in how
+    config, _, how = azure_config("acct", settings(None, {"AZURE_STORAGE_KEY": "dHJpdG9ua2V5"}))
+    assert config["account_key"] == "dHJpdG9ua2V5" and "AZURE_STORAGE_KEY" in how  # Triton's variable name
+
+
+def test_signatures_in_urls_are_scrubbed() -> None:
+    st = settings(None, {})
+    text = "GET http://h/c?sv=1&sig=SECRETSIG&se=2030 and ?X-Amz-Signature=abc&X-Amz-Credential=AKID%2F"
+    out = st.scrub(text)
+    assert "SECRETSIG" not in out and "abc" not in out and "AKID" not in out and "sv=1" in out
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [("gs:///repo", "no bucket"), ("as://acct", "as://account/container/path"), ("s3://h:1/", "no bucket")],
+)
+def test_uris_without_a_bucket(uri: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=message):
+        staging.fetch(uri, tmp_path / "d", pvc_root=tmp_path, environ={})
 
 
 # --------------------------------------------------------------------------- archives
@@ -259,9 +320,9 @@ def args(tmp_path: Path, uri: str, **kw: object) -> argparse.Namespace:
 
 
 def test_main_reports_unsupported_scheme(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert staging.main(args(tmp_path, "gs://bucket/repo")) == 1
+    assert staging.main(args(tmp_path, "ftp://host/repo")) == 1
     err = capsys.readouterr().err
-    assert "gs:// is not supported by the stager" in err and "s3" in err
+    assert "ftp:// is not supported by the stager" in err and "gs" in err and "as" in err
 
 
 def test_main_installs_config_and_checks_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
