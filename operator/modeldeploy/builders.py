@@ -24,7 +24,11 @@ MODEL_REPO_DIR = "/models"
 CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/storage"
 CONFIG_DIR = "/etc/modeldeploy/config"
 PVC_MOUNT_DIR = "/mnt/model-pvc"
-NATIVE_SCHEMES = {"s3", "gs", "as"}
+# Schemes Triton is left to read itself: none. The stager fetches every scheme (measured reasons in
+# docs/storage.md: Triton's as:// cannot use any endpoint but *.blob.core.windows.net and aborts when
+# that fails; its s3:// ignores AWS_ENDPOINT_URL; and credentials would sit in the container that runs
+# the model's code).
+NATIVE_SCHEMES: frozenset[str] = frozenset()
 DEFAULT_STAGER_IMAGE = "ghcr.io/modeldeploy/operator:0.1.0"
 # A terminating pod leaves the Services' endpoints a beat after it is marked (EndpointSlice controller,
 # then every kube-proxy or load balancer). Until then new connections still reach it: Triton keeps
@@ -108,8 +112,8 @@ def service_names(owner: Owner, strategy: api.Strategy) -> dict[str, str]:
 
 
 def needs_staging(spec: api.ModelDeploymentSpec) -> bool:
-    """Triton reads s3/gs/as itself; everything else, and any repository we must add a
-    rendered config.pbtxt to, is staged by an init container into an emptyDir."""
+    """Whether an init container stages the repository into an emptyDir (every scheme, see
+    ``NATIVE_SCHEMES``; a rendered config.pbtxt is added there too)."""
     return spec.model.scheme not in NATIVE_SCHEMES or spec.model.config is not None
 
 
@@ -145,9 +149,11 @@ def triton_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
 
 
 def _credentials_env(spec: api.ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(envFrom, env) that reference the credentials Secret; its values are never copied."""
+    """(envFrom, env) for a container that reads the storage itself (Triton, for a scheme in
+    ``NATIVE_SCHEMES``): the credentials Secret by reference, its values never copied. The stager
+    needs neither: it reads the Secret's files, mounted at ``CREDENTIALS_DIR``."""
     secret = spec.model.credentials_secret
-    if not secret:
+    if not secret or needs_staging(spec):
         return [], []
     env_from = [{"secretRef": {"name": secret}}]
     env: list[dict[str, Any]] = []
@@ -287,10 +293,11 @@ def build_pod_template(
     env = cred_env + _env(server.env)
     if env:
         container["env"] = env
-    if env_from and not needs_staging(spec):
+    if env_from:
         container["envFrom"] = env_from
-    if init_containers and env_from:
-        init_containers[0]["envFrom"] = env_from
+    if init_containers and server.env:
+        # storage settings given as server env (AWS_REGION, an endpoint...) reach the stager too
+        init_containers[0]["env"] = _env(server.env)
     if server.resources is not None:
         container["resources"] = server.resources.model_dump(by_alias=True, exclude_none=True)
 
