@@ -227,7 +227,11 @@ def build_pod_template(
     if needs_staging(spec):
         volumes.append({"name": "models", "emptyDir": {}})
         mounts.append({"name": "models", "mountPath": MODEL_REPO_DIR, "readOnly": True})
-        stage_mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MODEL_REPO_DIR}]
+        # /tmp: scratch space (a downloaded archive before it is unpacked); the root filesystem is read-only
+        stage_mounts: list[dict[str, Any]] = [
+            {"name": "models", "mountPath": MODEL_REPO_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ]
         stage_args = [
             "stage",
             f"--uri={spec.model.storage_uri}",

@@ -341,6 +341,8 @@ def test_every_scheme_is_staged_with_credentials_as_mounted_files(uri: str) -> N
         assert all("valueFrom" not in e for e in container.get("env", []))
     assert builders.CREDENTIALS_DIR not in mount_paths(triton(dep))
     assert init["securityContext"] == builders.RESTRICTED_CONTAINER_SECURITY
+    # a read-only root filesystem: scratch space for archives is the tmp emptyDir
+    assert "emptyDir" in volumes(dep)[mount_paths(init)["/tmp"]]
     assert pod_spec(dep)["securityContext"] == builders.RESTRICTED_POD_SECURITY
     assert pod_spec(dep)["automountServiceAccountToken"] is False
 
