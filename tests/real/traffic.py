@@ -141,8 +141,10 @@ def kube_proxy_caught_up(metrics_url: str, changed: float) -> bool:
         return False
     values: dict[str, float] = {}
     for line in resp.data.decode().splitlines():
-        name, _, value = line.partition(" ")
-        if name.startswith("kubeproxy_sync_proxy_rules_") and value:
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        # the IPv4 series (kube-proxy writes one per IP family), or the unlabelled gauge
+        if name.startswith("kubeproxy_sync_proxy_rules_") and (not labels or 'ip_family="IPv4"' in labels):
             values[name] = float(value)
     last = values.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
     queued = values.get("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds")
