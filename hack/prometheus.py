@@ -131,9 +131,15 @@ class ScrapeTarget:
     metrics_path: str = "/metrics"
 
 
-def render_config(targets: Sequence[ScrapeTarget], *, scrape_interval: str = "1s") -> dict[str, Any]:
+def render_config(
+    targets: Sequence[ScrapeTarget],
+    *,
+    scrape_interval: str = "1s",
+    scrape_configs: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
     """Prometheus configuration (as a dict; JSON is valid YAML) with one job per target,
-    so the same address may appear twice with different labels."""
+    so the same address may appear twice with different labels, then ``scrape_configs``
+    as given (jobs of the caller's own, e.g. ``kubernetes_sd_configs``)."""
     jobs = []
     for i, target in enumerate(targets):
         jobs.append(
@@ -145,6 +151,7 @@ def render_config(targets: Sequence[ScrapeTarget], *, scrape_interval: str = "1s
                 "static_configs": [{"targets": [target.address], "labels": dict(target.labels)}],
             }
         )
+    jobs.extend(dict(job) for job in scrape_configs)
     return {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": jobs,
@@ -180,12 +187,14 @@ class Prometheus(ServerProcess):
         scrape_interval: str = "1s",
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         port: int | None = None,
+        scrape_configs: Sequence[Mapping[str, Any]] = (),
     ) -> Prometheus:
         """Start prometheus and wait until ``/-/ready`` answers 200.
         Raises :class:`PrometheusStartError` with the log tail when it exits or times out."""
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
-        config.write_text(json.dumps(render_config(targets, scrape_interval=scrape_interval), indent=2))
+        rendered = render_config(targets, scrape_interval=scrape_interval, scrape_configs=scrape_configs)
+        config.write_text(json.dumps(rendered, indent=2))
         data = workdir / "data"
         data.mkdir(exist_ok=True)
 
