@@ -101,8 +101,11 @@ CONTEXT_NAME = "modeldeploy-local"
 # cmd/kube-controller-manager/names). node-lifecycle-controller is needed: the
 # TaintNodesByCondition admission plugin creates every node with the
 # node.kubernetes.io/not-ready taint, and only that controller lifts it once
-# kwok reports the node Ready. Node IPAM, taint eviction, volumes, CSR and quota
-# controllers are left out: nothing here needs them.
+# kwok reports the node Ready. The PersistentVolume binder binds claims to volumes
+# (pvc:// on the real node), and the two protection controllers remove the
+# kubernetes.io/pv[c]-protection finalizers that admission adds (without them a deleted
+# claim, and its namespace, never go away). Node IPAM, taint eviction, attach/detach
+# (the real node's volumes are local), CSR and quota controllers are left out.
 CONTROLLERS: tuple[str, ...] = (
     "node-lifecycle-controller",
     "deployment-controller",
@@ -121,6 +124,9 @@ CONTROLLERS: tuple[str, ...] = (
     "endpoints-controller",
     "endpointslice-controller",
     "endpointslice-mirroring-controller",
+    "persistentvolume-binder-controller",
+    "persistentvolume-protection-controller",
+    "persistentvolumeclaim-protection-controller",
 )
 
 AUDIT_WRITE_VERBS: tuple[str, ...] = ("create", "update", "patch", "delete", "deletecollection")
