@@ -6,7 +6,7 @@ says exactly which version directory Triton served.
 Behaviours of a version:
   ``answer``  : answers correctly;
   ``fail_load``: ``initialize`` raises (the model never becomes ready);
-  ``errors``  : answers every other request with an error (Triton counts them as failures);
+  ``errors``  : fails every other batch of requests (Triton counts them as failures);
   ``slow``    : answers correctly, half a second late.
 """
 
@@ -59,15 +59,12 @@ class TritonPythonModel:
         self.calls = 0
 
     def execute(self, requests):
-        out = []
-        for r in requests:
-            self.calls += 1
-            if self.calls % 2:
-                err = pb_utils.TritonError("bad answer (test)")
-                out.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
-            else:
-                out.append(_answer(r, self.factor))
-        return out
+        # Raised, not returned as an error response: Triton 2.51 counts a returned error response
+        # as a success in nv_inference_request_success (measured), a raise as a failure.
+        self.calls += 1
+        if self.calls % 2:
+            raise pb_utils.TritonModelException("bad answer (test)")
+        return [_answer(r, self.factor) for r in requests]
 """,
     "slow": _COMMON
     + """
