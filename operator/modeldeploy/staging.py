@@ -813,6 +813,15 @@ def main(args: argparse.Namespace) -> int:
     if not (model_dir / str(args.version)).is_dir():
         print(f"stage: model {args.model} has no version directory {args.version}/", file=sys.stderr)
         return 1
+    # Only the version asked for stays: a repository's own config.pbtxt without a version_policy
+    # makes Triton load the latest version it finds, not spec.model.version.
+    others = sorted(
+        p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) != args.version
+    )
+    for name in others:
+        shutil.rmtree(model_dir / name)
+    if others:
+        print(f"stage: left out the other versions in the repository ({', '.join(others)})")
     os.sync()
     print(f"stage: model {args.model} version {args.version} staged into {dest}")
     return 0

@@ -336,3 +336,21 @@ def test_main_installs_config_and_checks_version(tmp_path: Path, capsys: pytest.
     ns.version = 2
     assert staging.main(ns) == 1
     assert "has no version directory 2/" in capsys.readouterr().err
+
+
+def test_main_keeps_only_the_version_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A repository holding versions 1, 2 and 10 with its own config.pbtxt (no version_policy: Triton
+    would load the latest): only version 2's directory is staged, the config and other files stay."""
+    root = tmp_path / "pvc"
+    for v in ("1", "2", "10"):
+        (root / "repo" / "m" / v).mkdir(parents=True)
+        (root / "repo" / "m" / v / "model.py").write_text(v)
+    (root / "repo" / "m" / "config.pbtxt").write_text('name: "m"\n')
+    (root / "repo" / "m" / "labels").mkdir()
+    ns = args(tmp_path, "pvc://c/repo", pvc_root=str(root))
+    ns.version = 2
+    assert staging.main(ns) == 0
+    staged = tmp_path / "dest" / "m"
+    assert sorted(p.name for p in staged.iterdir()) == ["2", "config.pbtxt", "labels"]
+    assert (staged / "2" / "model.py").read_text() == "2"
+    assert "left out the other versions in the repository (1, 10)" in capsys.readouterr().out
