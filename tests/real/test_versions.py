@@ -148,22 +148,10 @@ def serves_exactly(md: Model, traffic: Traffic, version: int) -> int:
     return len(window)
 
 
-# The stager copies every version directory, and Triton's default version policy (the repository's
-# config.pbtxt has none) loads the latest: deploying version 1 loads version 2 only, and the pod's
-# startup probe on /v2/models/versioned/versions/1/ready answers 400 for good (seen on the real node).
-# A rendered spec.model.config pins the version (version_policy specific); the repository's own
-# config.pbtxt does not. Strict: once the stager keeps only the version asked for, this fails until
-# the mark goes.
-OWN_CONFIG_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="the stager keeps every version directory and the repository's config.pbtxt leaves "
-    "Triton's default policy (latest) in force: version 1 asked, version 2 loaded",
-)
-
-
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=OWN_CONFIG_BUG) if c == "own-config-pbtxt" else c for c in CASES]
-)
+# Without the stager keeping only the version asked for, Triton's default version policy (the
+# repository's config.pbtxt has none) loaded the latest: deploying version 1 loaded version 2 only,
+# and the startup probe on /v2/models/versioned/versions/1/ready answered 400 for good.
+@pytest.mark.parametrize("case", CASES)
 def test_each_revision_serves_exactly_its_version(
     cluster: Cluster, operator: OperatorProcess, images: dict[str, str], namespace: str, case: str
 ) -> None:
