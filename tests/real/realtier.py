@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from hackmods import load_hack
@@ -43,3 +47,22 @@ RESTRICTED_CONTAINER: dict[str, Any] = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+@contextlib.contextmanager
+def operator_process(workdir: Path, namespaces: list[str], stager_image: str) -> Iterator[Any]:
+    """The operator as a host process (the chart test runs it as a pod) watching ``namespaces``
+    (patterns allowed), staging with the locally built operator image. With
+    ``MODELDEPLOY_SHOW_OPERATOR_LOG`` set its log tail is printed afterwards."""
+    from operator_proc import OperatorProcess
+
+    op = OperatorProcess(
+        workdir, namespaces, resync_seconds=10, env={"MODELDEPLOY_STAGER_IMAGE": stager_image}
+    )
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        if os.environ.get("MODELDEPLOY_SHOW_OPERATOR_LOG"):
+            print(op.tail(200))

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from models import MODEL, SPEC_CONFIG, write_repository
-from realtier import figure, on_real_node, realnode, unavailable
+from realtier import figure, on_real_node, operator_process, realnode, unavailable
 from traffic import Traffic, describe_failures, failures, kube_proxy_caught_up, split_tolerance, versions
 
 from hackmods import load_hack
@@ -51,17 +51,8 @@ def operator(
     cluster: Cluster, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(cluster)
-    op = OperatorProcess(
-        tmp_path_factory.mktemp("operator"),
-        ["traffic-*"],
-        resync_seconds=10,
-        env={"MODELDEPLOY_STAGER_IMAGE": images["operator"]},
-    )
-    op.start()
-    try:
+    with operator_process(tmp_path_factory.mktemp("operator"), ["traffic-*"], images["operator"]) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture
