@@ -213,17 +213,24 @@ def cgroup_dirs(name: str) -> list[Path]:
     return dirs
 
 
+def cgroup_tree(directory: Path) -> list[Path]:
+    """``directory`` and the cgroups below it. One removed while we walk (a container's cgroup going
+    away as it stops) is left out, not an error: os.walk skips what it cannot list, where
+    Path.rglob raised FileNotFoundError (seen: make cluster-down failed on it)."""
+    return [Path(root) for root, _dirs, _files in os.walk(directory)]
+
+
 def cgroup_pids(directory: Path) -> list[int]:
     pids: list[int] = []
-    for procs in directory.rglob("cgroup.procs"):
+    for cgroup in cgroup_tree(directory):
         with contextlib.suppress(OSError):
-            pids += [int(x) for x in procs.read_text().split()]
+            pids += [int(x) for x in (cgroup / "cgroup.procs").read_text().split()]
     return pids
 
 
 def remove_cgroup_tree(directory: Path) -> bool:
     """rmdir a cgroup and its children, deepest first; True when gone."""
-    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    for sub in sorted(cgroup_tree(directory)[1:], key=lambda p: -len(p.parts)):
         with contextlib.suppress(OSError):
             sub.rmdir()
     with contextlib.suppress(OSError):

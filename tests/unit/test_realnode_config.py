@@ -3,8 +3,12 @@ hack/realnode.py; the node itself is exercised by tests/real)."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from hackmods import load_hack
 
@@ -84,3 +88,25 @@ def test_kube_dns_points_at_the_node() -> None:
     assert endpoint_slice["endpoints"][0]["addresses"] == [realnode.NODE_IP]
     assert endpoint_slice["metadata"]["labels"]["kubernetes.io/service-name"] == "kube-dns"
     assert svc_path.endswith("/services") and slice_path.endswith("/endpointslices")
+
+
+def test_cgroup_walk_skips_a_cgroup_removed_while_walking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's cgroup can vanish between listing its parent and reading it (seen in
+    make cluster-down); the walk leaves it out instead of raising."""
+    root = tmp_path / "kubepods"
+    (root / "pod1" / "ctr1").mkdir(parents=True)
+    (root / "pod1" / "cgroup.procs").write_text("11\n12\n")
+    (root / "pod2" / "ctr2").mkdir(parents=True)
+    (root / "pod2" / "ctr2" / "cgroup.procs").write_text("21\n")
+    real_scandir = os.scandir
+
+    def vanishing(path: Any) -> Any:
+        if str(path).endswith("pod2"):
+            raise FileNotFoundError(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", vanishing)
+    assert sorted(realnode.cgroup_pids(root)) == [11, 12]
+    assert realnode.cgroup_tree(root)[0] == root
