@@ -33,7 +33,8 @@ node-deps: ## Debian packages of the real node and the image builds (runc, CNI p
 cluster-up: venv binaries node-deps ## start the local control plane (+ the real node where possible) in the background
 	$(PY) hack/localcluster.py up --dir $(CLUSTER_DIR)
 
-cluster-down: ## stop the local control plane
+cluster-down: ## stop the local control plane (and the operator make demo started)
+	@if [ -f $(CLUSTER_DIR)/operator.pid ]; then kill $$(cat $(CLUSTER_DIR)/operator.pid) 2>/dev/null || true; rm -f $(CLUSTER_DIR)/operator.pid; fi
 	@if [ -x $(PY) ]; then $(PY) hack/localcluster.py down --dir $(CLUSTER_DIR); fi
 
 demo: venv binaries node-deps ## the main job on the local cluster
