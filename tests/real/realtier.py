@@ -66,3 +66,26 @@ def operator_process(workdir: Path, namespaces: list[str], stager_image: str) ->
         op.stop()
         if os.environ.get("MODELDEPLOY_SHOW_OPERATOR_LOG"):
             print(op.tail(200))
+
+
+@contextlib.contextmanager
+def s3_on_node(workdir: Path) -> Iterator[Any]:
+    """A real S3 server (moto) on the node IP, where pods reach it; the tier's reason when moto
+    cannot be had."""
+    s3server = load_hack("s3server")
+    try:
+        python = s3server.ensure_moto()
+    except s3server.S3ServerUnavailable as err:
+        unavailable(f"S3 server (moto): {err}")
+    with s3server.S3Server.start(python, workdir, host=realnode.NODE_IP) as server:
+        yield server
+
+
+def s3_secret(cluster: Any, namespace: str, server: Any, key: Any, name: str = "s3") -> None:
+    """The Secret a ModelDeployment's ``credentialsSecret`` names: ``key`` and ``server``'s endpoint."""
+    cluster.kubectl(
+        "create", "secret", "generic", name, "-n", namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={key.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={key.secret_key}",
+        f"--from-literal=AWS_ENDPOINT_URL={server.endpoint}",
+    )  # fmt: skip

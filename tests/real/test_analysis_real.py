@@ -35,17 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mdview import EVENT_LINES, MD_EVENTS, Model, describe, measure, serving, wait_status
 from models import MODEL, SPEC_CONFIG, write_repository
-from realtier import figure, on_real_node, realnode, unavailable
+from realtier import figure, on_real_node, operator_process, s3_on_node, s3_secret, unavailable
 from routed import routed
-from test_traffic import EVENT_LINES, MD_EVENTS, Model, describe, measure, serving, wait_status
 from traffic import Traffic, describe_failures, failures, versions
 
 from hackmods import load_hack
 from kube import Cluster, wait_for
 from operator_proc import OperatorProcess, install_crd
 
-s3server = load_hack("s3server")
 prometheus = load_hack("prometheus")
 
 NS_PREFIX = "analysis"
@@ -55,29 +54,6 @@ RATE = 20.0  # requests per second sent through the main Service
 SLOW_LIMIT_MS = 200  # maxP99LatencyMs for the slow version (it takes 500 ms per request)
 CANDIDATE_ERROR = "bad answer (test)"  # what only the raising version answers
 
-# Every other call of execute raises: Triton fails that request and counts it as a BACKEND failure.
-RAISES_SOURCE = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.factor = float(args["model_version"])
-        self.calls = 0
-
-    def execute(self, requests):
-        self.calls += 1
-        if self.calls % 2:
-            raise pb_utils.TritonModelException("bad answer (test)")
-        out = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "X").as_numpy()
-            y = pb_utils.Tensor("OUT", (x * self.factor).astype(np.float32))
-            out.append(pb_utils.InferenceResponse([y]))
-        return out
-"""
-
 HEALTHY, RAISES, SLOW, HEALTHY_TOO = 1, 2, 3, 4  # the repository's versions
 
 
@@ -85,15 +61,11 @@ HEALTHY, RAISES, SLOW, HEALTHY_TOO = 1, 2, 3, 4  # the repository's versions
 def repo(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[Any, Any]]:
     """moto on the node IP, bucket ``analysis``, prefix ``repo``: the ``versioned`` model with
     versions 1 and 4 answering, 2 raising on every other request, 3 answering in 500 ms."""
-    try:
-        python = s3server.ensure_moto()
-    except s3server.S3ServerUnavailable as err:
-        unavailable(f"S3 server (moto): {err}")
     work = tmp_path_factory.mktemp("s3")
-    source = write_repository(work / "repo", {HEALTHY: "answer", SLOW: "slow", HEALTHY_TOO: "answer"})
-    (source / MODEL / str(RAISES)).mkdir()
-    (source / MODEL / str(RAISES) / "model.py").write_text(RAISES_SOURCE)
-    with s3server.S3Server.start(python, work / "server", host=realnode.NODE_IP) as server:
+    source = write_repository(
+        work / "repo", {HEALTHY: "answer", RAISES: "errors", SLOW: "slow", HEALTHY_TOO: "answer"}
+    )
+    with s3_on_node(work / "server") as server:
         key = server.setup(bucket=BUCKET, upload=source, prefix="repo")
         server.enforce_auth()
         yield server, key
@@ -104,17 +76,8 @@ def operator(
     cluster: Cluster, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(cluster)
-    op = OperatorProcess(
-        tmp_path_factory.mktemp("operator"),
-        [f"{NS_PREFIX}-*"],
-        resync_seconds=10,
-        env={"MODELDEPLOY_STAGER_IMAGE": images["operator"]},
-    )
-    op.start()
-    try:
+    with operator_process(tmp_path_factory.mktemp("operator"), [f"{NS_PREFIX}-*"], images["operator"]) as op:
         yield op
-    finally:
-        op.stop()
 
 
 class PodTargets:
@@ -198,12 +161,7 @@ def prom(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def namespace(cluster: Cluster, repo: tuple[Any, Any]) -> Iterator[str]:
     server, key = repo
     ns = cluster.create_namespace(prefix=NS_PREFIX)
-    cluster.kubectl(
-        "create", "secret", "generic", "s3", "-n", ns,
-        f"--from-literal=AWS_ACCESS_KEY_ID={key.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={key.secret_key}",
-        f"--from-literal=AWS_ENDPOINT_URL={server.endpoint}",
-    )  # fmt: skip
+    s3_secret(cluster, ns, server, key)
     try:
         yield ns
     finally:

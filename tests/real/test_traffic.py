@@ -9,38 +9,29 @@ from the answers, and that no request failed across promotion, flip, rollback an
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from mdview import EVENT_LINES, MD_EVENTS, Model, measure, serving, settled, wait_status
 from models import MODEL, SPEC_CONFIG, write_repository
-from realtier import figure, on_real_node, operator_process, realnode, unavailable
-from traffic import Traffic, describe_failures, failures, kube_proxy_caught_up, split_tolerance, versions
+from realtier import figure, on_real_node, operator_process, s3_on_node, s3_secret
+from traffic import Traffic, describe_failures, failures, split_tolerance, versions
 
-from hackmods import load_hack
-from kube import Cluster, wait_for
+from kube import Cluster
 from operator_proc import OperatorProcess, install_crd
 
-s3server = load_hack("s3server")
-
-GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
 REPLICAS = 3
 SPLIT_REQUESTS = 800  # per step: the 5-sigma band is +-8.8 points at 50 %, +-7.7 at 25 %
-KUBE_PROXY_METRICS = f"http://{realnode.NODE_IP}:{realnode.RealNode.PORTS['kube-proxy-metrics']}/metrics"
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[Any, Any]]:
-    """moto on the node IP (pods reach it), bucket ``models``: the ``versioned`` model with versions
-    1 and 2 answering and 3 failing to load."""
-    try:
-        python = s3server.ensure_moto()
-    except s3server.S3ServerUnavailable as err:
-        unavailable(f"S3 server (moto): {err}")
+    """S3 on the node IP, bucket ``models``: the ``versioned`` model with versions 1 and 2
+    answering and 3 failing to load."""
     work = tmp_path_factory.mktemp("s3")
     source = write_repository(work / "repo", {1: "answer", 2: "answer", 3: "fail_load"})
-    with s3server.S3Server.start(python, work / "server", host=realnode.NODE_IP) as server:
+    with s3_on_node(work / "server") as server:
         key = server.setup(bucket="models", upload=source, prefix="repo")
         server.enforce_auth()
         yield server, key
@@ -59,12 +50,7 @@ def operator(
 def namespace(cluster: Cluster, repo: tuple[Any, Any]) -> Iterator[str]:
     server, key = repo
     ns = cluster.create_namespace(prefix="traffic")
-    cluster.kubectl(
-        "create", "secret", "generic", "s3", "-n", ns,
-        f"--from-literal=AWS_ACCESS_KEY_ID={key.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={key.secret_key}",
-        f"--from-literal=AWS_ENDPOINT_URL={server.endpoint}",
-    )  # fmt: skip
+    s3_secret(cluster, ns, server, key)
     try:
         yield ns
     finally:
@@ -73,7 +59,7 @@ def namespace(cluster: Cluster, repo: tuple[Any, Any]) -> Iterator[str]:
 
 def manifest(name: str, image: str, rollout: dict[str, Any], version: int = 1) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": "modeldeploy.io/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": name},
         "spec": {
@@ -90,134 +76,6 @@ def manifest(name: str, image: str, rollout: dict[str, Any], version: int = 1) -
             "rollout": rollout,
         },
     }
-
-
-class Model:
-    """A ModelDeployment seen through the API: its status, its pods, its Service."""
-
-    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
-        self.cluster, self.namespace, self.name = cluster, namespace, name
-
-    def get(self) -> dict[str, Any]:
-        obj: dict[str, Any] = self.cluster.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, self.name
-        )
-        return obj
-
-    def status(self) -> dict[str, Any]:
-        return self.get().get("status") or {}
-
-    def patch(self, body: dict[str, Any]) -> None:
-        self.cluster.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, self.name, body
-        )
-
-    def resume(self) -> None:
-        self.patch({"metadata": {"annotations": {"modeldeploy.io/resume": uuid.uuid4().hex[:8]}}})
-
-    def revision_of_hash(self) -> dict[str, int]:
-        return {h["hash"]: h["revision"] for h in self.status().get("history") or []}
-
-    def pods_by_revision(self) -> dict[int, list[Any]]:
-        """Live (not terminating) pods per revision number."""
-        numbers = self.revision_of_hash()
-        out: dict[int, list[Any]] = {}
-        for p in self.cluster.core.list_namespaced_pod(
-            self.namespace, label_selector=f"modeldeploy.io/name={self.name}"
-        ).items:
-            rev = numbers.get((p.metadata.labels or {}).get("modeldeploy.io/revision", ""))
-            if rev is not None and p.metadata.deletion_timestamp is None:
-                out.setdefault(rev, []).append(p)
-        return out
-
-    def endpoints_by_revision(self, service: str | None = None) -> dict[int, int]:
-        """Ready endpoints of the Service (the main one by default) per revision number."""
-        numbers = self.revision_of_hash()
-        pods = {
-            p.metadata.name: numbers.get((p.metadata.labels or {}).get("modeldeploy.io/revision", ""))
-            for p in self.cluster.core.list_namespaced_pod(
-                self.namespace, label_selector=f"modeldeploy.io/name={self.name}"
-            ).items
-        }
-        slices = self.cluster.discovery.list_namespaced_endpoint_slice(
-            self.namespace, label_selector=f"kubernetes.io/service-name={service or self.name}"
-        ).items
-        out: dict[int, int] = {}
-        for s in slices:
-            for ep in s.endpoints or []:
-                if ep.conditions and ep.conditions.ready and ep.target_ref is not None:
-                    rev = pods.get(ep.target_ref.name)
-                    if rev is not None:
-                        out[rev] = out.get(rev, 0) + 1
-        return out
-
-    def endpoints_changed_at(self, service: str | None = None) -> float:
-        """When the Service's EndpointSlices last changed (epoch seconds, whole seconds: the
-        resolution of managedFields)."""
-        slices = self.cluster.discovery.list_namespaced_endpoint_slice(
-            self.namespace, label_selector=f"kubernetes.io/service-name={service or self.name}"
-        ).items
-        return max(f.time.timestamp() for s in slices for f in s.metadata.managed_fields or [] if f.time)
-
-    def service_address(self) -> tuple[str, int]:
-        svc = self.cluster.core.read_namespaced_service(self.name, self.namespace)
-        return svc.spec.cluster_ip, next(p.port for p in svc.spec.ports if p.name == "http")
-
-
-def describe(cluster: Cluster, namespace: str) -> str:
-    out = cluster.kubectl("get", "md,deploy,pods,endpointslices", "-n", namespace, "-o", "wide", check=False)
-    ev = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout
-    return f"\n{out.stdout}\n{ev[-4000:]}"
-
-
-def wait_status(md: Model, pred: Any, timeout: float, what: str) -> dict[str, Any]:
-    return wait_for(
-        lambda: st if pred(st := md.status()) else None,
-        timeout,
-        interval=0.25,
-        message=lambda: f"{what}; status: {md.status()}{describe(md.cluster, md.namespace)}",
-    )
-
-
-def serving(md: Model, revision: int, *, after_rollback: bool = False) -> dict[str, Any]:
-    """``revision`` stable and alone: every other revision's pods gone (scale-down done); Ready and
-    idle, or (``after_rollback``) RolledBack, as the status says until the spec changes."""
-    phase, state = ("RolledBack", "RolledBack") if after_rollback else ("Ready", "Idle")
-
-    def done(st: dict[str, Any]) -> bool:
-        ro = st.get("rollout") or {}
-        return (
-            st.get("phase") == phase
-            and st.get("stableRevision") == revision
-            and ro.get("state") == state
-            and set(md.pods_by_revision()) == {revision}
-        )
-
-    return wait_status(md, done, 240, f"revision {revision} serving alone")
-
-
-def settled(md: Model, expected: dict[int, int], timeout: float = 60) -> None:
-    """Wait until the main Service's ready endpoints are ``expected`` (revision -> count) and
-    kube-proxy has written its rules since: new connections follow that split from here on."""
-    wait_for(
-        lambda: md.endpoints_by_revision() == expected,
-        timeout,
-        interval=0.2,
-        message=lambda: f"endpoints {expected}, have {md.endpoints_by_revision()}",
-    )
-    changed = md.endpoints_changed_at()
-    wait_for(
-        lambda: kube_proxy_caught_up(KUBE_PROXY_METRICS, changed), 30, interval=0.2, message="kube-proxy sync"
-    )
-
-
-def measure(traffic: Traffic, n: int) -> tuple[float, float]:
-    """The next ``n`` requests' window (monotonic start, end)."""
-    t0 = time.monotonic()
-    wait_for(
-        lambda: traffic.count_since(t0) >= n, n / traffic.rate * 4 + 30, interval=0.2, message=f"{n} requests"
-    )
-    return t0, time.monotonic()
 
 
 def test_canary_split_measured_and_no_request_fails(
@@ -347,9 +205,6 @@ def test_rolling_update_loses_no_request(
         f"{len(outcomes)} requests, {len(failures(outcomes))} failed, {dict(versions(outcomes))} per version",
     )
 
-
-MD_EVENTS = "involvedObject.kind=ModelDeployment"
-EVENT_LINES = "jsonpath={range .items[*]}{.reason}: {.message}{'\\n'}{end}"
 
 ROLLBACK_CASES = {
     # version 3's initialize raises: Triton runs, the model never becomes ready

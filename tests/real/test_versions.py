@@ -23,17 +23,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from mdview import Model, measure, serving
 from models import MODEL, SPEC_CONFIG, write_repository
-from realtier import figure, on_real_node, realnode, unavailable
+from realtier import figure, on_real_node, operator_process, s3_on_node, s3_secret
 from routed import routed
-from test_traffic import Model, measure, serving
 from traffic import Traffic, describe_failures, failures, versions
 
-from hackmods import load_hack
 from kube import Cluster
 from operator_proc import OperatorProcess, install_crd
-
-s3server = load_hack("s3server")
 
 NS_PREFIX = "versions"
 REPLICAS = 1
@@ -48,12 +45,8 @@ CASES = {
 def repo(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[Any, Any]]:
     """moto on the node IP: bucket ``own`` (versions 1 and 2 and their config.pbtxt) and bucket
     ``rendered`` (versions 1 and 2 only), each under prefix ``repo``."""
-    try:
-        python = s3server.ensure_moto()
-    except s3server.S3ServerUnavailable as err:
-        unavailable(f"S3 server (moto): {err}")
     work = tmp_path_factory.mktemp("s3")
-    with s3server.S3Server.start(python, work / "server", host=realnode.NODE_IP) as server:
+    with s3_on_node(work / "server") as server:
         key = None
         for bucket, with_config, _ in CASES.values():
             source = write_repository(work / bucket, {1: "answer", 2: "answer"}, with_config=with_config)
@@ -67,29 +60,15 @@ def operator(
     cluster: Cluster, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(cluster)
-    op = OperatorProcess(
-        tmp_path_factory.mktemp("operator"),
-        [f"{NS_PREFIX}-*"],
-        resync_seconds=10,
-        env={"MODELDEPLOY_STAGER_IMAGE": images["operator"]},
-    )
-    op.start()
-    try:
+    with operator_process(tmp_path_factory.mktemp("operator"), [f"{NS_PREFIX}-*"], images["operator"]) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture
 def namespace(cluster: Cluster, repo: tuple[Any, Any]) -> Iterator[str]:
     server, key = repo
     ns = cluster.create_namespace(prefix=NS_PREFIX)
-    cluster.kubectl(
-        "create", "secret", "generic", "s3", "-n", ns,
-        f"--from-literal=AWS_ACCESS_KEY_ID={key.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={key.secret_key}",
-        f"--from-literal=AWS_ENDPOINT_URL={server.endpoint}",
-    )  # fmt: skip
+    s3_secret(cluster, ns, server, key)
     try:
         yield ns
     finally:
