@@ -759,6 +759,24 @@ def fetch_archive(uri: str, dest: Path, settings: Settings) -> str:
     return f"unpacked {members} archive members from {_redact_url(uri)}"
 
 
+def copy_tree(src: Path, dest: Path, root: Path) -> int:
+    """Copy the files under ``src`` into ``dest``, contents only: no owner, mode or times (``dest`` is an
+    emptyDir the stager's uid does not own, so copying metadata fails with EPERM). A symlink is
+    followed only where it points inside the claim (``root``)."""
+    count = 0
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        target = entry.resolve()
+        if target != root and root not in target.parents:
+            raise StageError(f"refusing {entry}: symlink to {target} leaves the claim")
+        if target.is_dir():
+            count += copy_tree(target, dest / entry.name, root)
+        elif target.is_file():
+            shutil.copyfile(target, dest / entry.name)
+            count += 1
+    return count
+
+
 def fetch(
     uri: str,
     dest: Path,
@@ -779,8 +797,8 @@ def fetch(
             raise StageError(f"{uri}: {sub!r} leaves the claim")
         if not src.is_dir():
             raise StageError(f"{uri}: {src} is not a directory on the claim")
-        shutil.copytree(src, dest, dirs_exist_ok=True)
-        return f"copied {src}"
+        count = copy_tree(src, dest, root)
+        return f"copied {count} files from {src}"
     if scheme in ("http", "https"):
         return fetch_archive(uri, dest, settings)
     if scheme in CLOUD_SCHEMES:
@@ -802,6 +820,9 @@ def main(args: argparse.Namespace) -> int:
         summary = fetch(args.uri, dest, pvc_root=Path(args.pvc_root), credentials_dir=creds_dir)
     except StageError as exc:
         print(f"stage: {_redact_url(args.uri)}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a full emptyDir, an unreadable file on the claim
+        print(f"stage: {_redact_url(args.uri)}: {exc} (writing into {dest})", file=sys.stderr)
         return 1
     print(f"stage: {summary} in {time.monotonic() - started:.2f}s")
     model_dir = dest / args.model

@@ -308,6 +308,13 @@ def test_pvc_copy_and_traversal(tmp_path: Path) -> None:
         staging.fetch("pvc://claim/../secret", tmp_path / "d2", pvc_root=root)
     with pytest.raises(StageError, match="not a directory on the claim"):
         staging.fetch("pvc://claim/nope", tmp_path / "d3", pvc_root=root)
+    (root / "repo" / "m" / "1" / "escape").symlink_to(tmp_path / "secret")
+    with pytest.raises(StageError, match="leaves the claim"):
+        staging.fetch("pvc://claim/repo", tmp_path / "d4", pvc_root=root)
+    (root / "repo" / "m" / "1" / "escape").unlink()
+    (root / "repo" / "m" / "1" / "inside.py").symlink_to(root / "repo" / "m" / "1" / "model.py")
+    assert "copied 2 files" in staging.fetch("pvc://claim/repo", tmp_path / "d5", pvc_root=root)
+    assert (tmp_path / "d5" / "m" / "1" / "inside.py").read_text() == "x"
 
 
 def args(tmp_path: Path, uri: str, **kw: object) -> argparse.Namespace:
