@@ -131,10 +131,14 @@ def split_tolerance(share: float, n: int, sigmas: float = 5.0) -> float:
     return sigmas * math.sqrt(share * (1 - share) / n)
 
 
+QUIET_SECONDS = 5.0  # an EndpointSlice change kube-proxy has not queued by then is none it routes by
+
+
 def kube_proxy_caught_up(metrics_url: str, changed: float) -> bool:
-    """Whether kube-proxy has queued a rules sync at or after ``changed`` (epoch seconds, the
-    EndpointSlices' last change) and written every sync it queued, with no endpoint change
-    pending: new connections then follow the endpoints as they were at ``changed``."""
+    """Whether kube-proxy has written every rules sync it queued, with no endpoint change pending,
+    and has queued one at or after ``changed`` (epoch seconds, the EndpointSlices' last change), or,
+    ``QUIET_SECONDS`` after it, none was due (a slice rewrite that changes nothing kube-proxy routes
+    by queues no sync): new connections then follow the endpoints as they were at ``changed``."""
     try:
         resp = urllib3.request("GET", metrics_url, timeout=2.0)
     except urllib3.exceptions.HTTPError:
@@ -149,4 +153,6 @@ def kube_proxy_caught_up(metrics_url: str, changed: float) -> bool:
     last = values.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
     queued = values.get("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds")
     pending = values.get("kubeproxy_sync_proxy_rules_endpoint_changes_pending")
-    return None not in (last, queued) and queued >= changed and last >= queued and pending == 0  # type: ignore[operator]
+    if last is None or queued is None or pending != 0 or last < queued:
+        return False
+    return queued >= changed or time.time() >= changed + QUIET_SECONDS
