@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # make demo: the main job on the embedded local cluster.
-# Starts the local control plane, installs the CRD, runs the operator, applies the quickstart
-# example and shows it becoming Ready.
+# Starts the local control plane, installs the CRD and runs the operator. With the real node (real-0:
+# root, the node's Debian packages) it serves a real model on real Triton pods and shows what a client
+# sees through a canary and an automatic rollback (hack/demo_real.py). Without it, the same story runs
+# on kwok's simulated pods (the quickstart example), and says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,6 +24,13 @@ step "install the CRD"
 kubectl apply --server-side -f crds/modeldeploy.io_modeldeployments.yaml
 kubectl wait --for=condition=Established crd/modeldeployments.modeldeploy.io --timeout=60s
 
+real_node=""
+if kubectl get node real-0 >/dev/null 2>&1; then
+  real_node=yes
+  # the stager init container runs the operator image, built and loaded by hack/demo_real.py
+  export MODELDEPLOY_STAGER_IMAGE=$($PY hack/images.py ref operator)
+fi
+
 step "run the operator (log: $DIR/operator.log)"
 if [ -f "$DIR/operator.pid" ] && kill -0 "$(cat "$DIR/operator.pid")" 2>/dev/null; then
   kill "$(cat "$DIR/operator.pid")"; sleep 1
@@ -29,6 +38,14 @@ fi
 MODELDEPLOY_METRICS_PORT=0 nohup .venv/bin/modeldeploy-operator run --standalone -A \
   >"$DIR/operator.log" 2>&1 &
 echo $! >"$DIR/operator.pid"
+
+if [ -n "$real_node" ]; then
+  $PY hack/demo_real.py --dir "$DIR"
+  echo
+  echo "The cluster keeps running: export KUBECONFIG=$PWD/$DIR/kubeconfig; stop it with make cluster-down"
+  exit 0
+fi
+echo "no real node (see 'real node' in the output of cluster-up above): the story runs on kwok's simulated pods"
 
 step "apply examples/quickstart.yaml"
 kubectl delete md resnet50 --ignore-not-found --wait=true >/dev/null
