@@ -195,7 +195,8 @@ def _describe(cluster: Cluster, namespace: str) -> str:
     return f"\n{out}\n{events[-4000:]}"
 
 
-def _infer(address: str) -> np.ndarray[Any, Any] | None:
+def _infer(address: str) -> list[list[float]] | None:
+    """Y for X through ``address``; None (or an exception, reported by wait_for) until it answers."""
     client = httpclient.InferenceServerClient(address)
     try:
         if not client.is_model_ready(MODEL, "1"):
@@ -203,10 +204,8 @@ def _infer(address: str) -> np.ndarray[Any, Any] | None:
         x = np.array([[1.5, -2.0]], dtype=np.float32)
         inp = httpclient.InferInput("X", [1, 2], "FP32")
         inp.set_data_from_numpy(x)
-        got: np.ndarray[Any, Any] = client.infer(MODEL, [inp], model_version="1").as_numpy("Y")
-        return got
-    except Exception:  # refused/reset until kube-proxy has the Service's endpoints
-        return None
+        got: list[list[float]] = client.infer(MODEL, [inp], model_version="1").as_numpy("Y").tolist()
+        return got  # a list: wait_for tests truthiness, which an array cannot answer
     finally:
         client.close()
 
