@@ -1,5 +1,5 @@
 """Wait until a ModelDeployment's main Service really routes to what its endpoints say (helper of
-``test_analysis_real.py`` and ``test_versions.py``).
+``test_real_pod_analysis.py`` and ``test_versions.py``).
 
 The endpoints being right is not enough: kube-proxy writes its rules after it sees the
 EndpointSlices, and until then new connections go where they went before (or are refused). Where
