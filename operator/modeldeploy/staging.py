@@ -692,6 +692,24 @@ def _fix_for(text: str) -> str:
     return ""
 
 
+_XML_ERROR = re.compile(r"(?:<\?xml[^>]*\?>\s*)?<Error>.*?</Error>", re.S)
+
+
+def condense_xml_errors(text: str) -> str:
+    """An object store's XML error body (``<Error><Code>…</Code><Message>…</Message>…``, as S3
+    and Azure answer) as ``Code: Message``: the status and Events keep the end of a message, and
+    request IDs and host IDs would crowd the code out of it."""
+
+    def short(match: re.Match[str]) -> str:
+        body = match.group(0)
+        code = re.search(r"<Code>(.*?)</Code>", body, re.S)
+        message = re.search(r"<Message>(.*?)</Message>", body, re.S)
+        parts = [m.group(1).strip() for m in (code, message) if m]
+        return ": ".join(parts) if parts else body
+
+    return _XML_ERROR.sub(short, text)
+
+
 def fetch_objects(uri: str, dest: Path, settings: Settings) -> str:
     import obstore
     from obstore.exceptions import BaseError
@@ -716,7 +734,7 @@ def fetch_objects(uri: str, dest: Path, settings: Settings) -> str:
             tmp.replace(target)
             count += 1
     except BaseError as exc:
-        text = settings.scrub(" ".join(str(exc).split("Debug source:", 1)[0].split()))
+        text = settings.scrub(condense_xml_errors(" ".join(str(exc).split("Debug source:", 1)[0].split())))
         if len(text) > 1500:
             text = text[:1500] + "…"
         raise StageError(

@@ -361,3 +361,22 @@ def test_main_keeps_only_the_version_asked_for(tmp_path: Path, capsys: pytest.Ca
     assert sorted(p.name for p in staged.iterdir()) == ["2", "config.pbtxt", "labels"]
     assert (staged / "2" / "model.py").read_text() == "2"
     assert "left out the other versions in the repository (1, 10)" in capsys.readouterr().out
+
+
+def test_object_store_xml_errors_are_condensed_to_code_and_message() -> None:
+    """The code must survive the tail that status and Events keep (a CI run lost it behind the
+    request and host IDs of the XML body)."""
+    raw = (
+        "Generic S3 error: Error performing list request: Server returned non-2xx status code: 403 "
+        'Forbidden: <?xml version="1.0" encoding="UTF-8"?><Error><Code>SignatureDoesNotMatch</Code>'
+        "<Message>The request signature we calculated does not match the signature you provided. Check "
+        "your key and signing method.</Message><BucketName>models</BucketName><RequestId>3fPN6xl0</RequestId>"
+        "<HostId>9Gjjt1m+cjU4OPvX9O9</HostId></Error>"
+    )
+    short = staging.condense_xml_errors(raw)
+    assert short.endswith(
+        "403 Forbidden: SignatureDoesNotMatch: The request signature we calculated does not match the "
+        "signature you provided. Check your key and signing method."
+    )
+    assert "RequestId" not in short and "HostId" not in short
+    assert staging.condense_xml_errors("no xml here") == "no xml here"
