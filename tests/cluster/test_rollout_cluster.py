@@ -411,13 +411,15 @@ def test_failing_candidate_is_rolled_back_automatically(md_factory: Any, simulat
     )
     assert md.condition("Ready")["status"] == "True"
 
-    # A fixed version rolls out normally afterwards.
+    # A fixed version rolls out normally afterwards. The 10 s deadline above times the failing
+    # candidate; a healthy one gets the default's room (a CI run on a busy machine had 2 of 3 healthy
+    # pods Ready after 10 s and rolled the fixed version back).
     md.patch(
         {
             "spec": {
                 "model": {"version": 3},
                 "server": {"podLabels": None},
-                "rollout": {"steps": [{"weight": 50}, {"weight": 100}]},
+                "rollout": {"steps": [{"weight": 50}, {"weight": 100}], "progressDeadlineSeconds": 600},
             }
         }
     )
