@@ -24,7 +24,8 @@ from . import api, builders, kopfpatch, metrics
 from .analysis import TritonAnalysis
 from .kube import Kube
 from .leader import LeaderElector
-from .reconcile import Cache, Reconciler, WorkQueue
+from .reconcile import Cache, Reconciler
+from .workqueue import WorkQueue
 
 log = logging.getLogger("modeldeploy")
 
