@@ -10,6 +10,7 @@ a message that names the field and the fix.
 from __future__ import annotations
 
 import re
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,13 @@ KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ["md"]
+
+#: Manual rollout commands: annotations set to a fresh value (a nonce; ``kubectl modeldeploy promote``
+#: writes one), each value acted on once and remembered in ``status.rollout.handled*``.
+PROMOTE_ANNOTATION = f"{GROUP}/promote"
+RESUME_ANNOTATION = f"{GROUP}/resume"
+ABORT_ANNOTATION = f"{GROUP}/abort"
+COMMAND_ANNOTATIONS = (PROMOTE_ANNOTATION, RESUME_ANNOTATION, ABORT_ANNOTATION)
 
 #: The Triton image used when ``spec.server.image`` is not set: a pinned release.
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
@@ -50,6 +58,34 @@ def parse_duration(value: str) -> float:
         raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 1h30m")
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     return sum(float(n) * scale[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h)", value))
+
+
+_QUANTITY_SUFFIX: dict[str, Decimal] = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    **{s: Decimal(10) ** (3 * (i + 1)) for i, s in enumerate("kMGTPE")},
+    **{s + "i": Decimal(2) ** (10 * (i + 1)) for i, s in enumerate("KMGTPE")},
+}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[KMGTPE]i|[mkMGTPE])?$")
+
+
+def parse_quantity(value: Any) -> Decimal | None:
+    """A Kubernetes quantity as a number ("1500m" -> 1.5, "1Gi" -> 1073741824); None if it is none.
+    The API server canonicalises quantities ("1000m" reads back as "1"), so they compare as numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return Decimal(str(value))
+    if not isinstance(value, str) or not (m := _QUANTITY.match(value)):
+        return None
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation:
+        return None
+    suffix = m.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * (Decimal(10) ** int(suffix[1:]))
+    return number * _QUANTITY_SUFFIX[suffix]
 
 
 def _with_rules(*rules: JsonDict) -> ConfigDict:

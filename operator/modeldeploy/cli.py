@@ -9,11 +9,12 @@ from typing import Any
 import pydantic
 import yaml
 
-from . import __version__, api, builders, crdgen, revision
+from . import __version__, api, builders, children, crdgen
 
 
 def render(doc: dict[str, Any], namespace: str | None = None) -> list[dict[str, Any]]:
-    """Every object the operator creates for a new ModelDeployment (first revision), offline."""
+    """Every object the operator creates for a new ModelDeployment (first revision), offline: the same
+    :func:`~modeldeploy.children.desired_children` the reconcile applies."""
     meta = doc.get("metadata") or {}
     if doc.get("kind") != api.KIND:
         raise SystemExit(f"error: kind must be {api.KIND}, got {doc.get('kind')!r}")
@@ -25,28 +26,9 @@ def render(doc: dict[str, Any], namespace: str | None = None) -> list[dict[str, 
         namespace=namespace or meta.get("namespace") or "default",
         uid="00000000-0000-0000-0000-000000000000",
     )
-    rev = revision.revision_hash(spec)
-    objs: list[dict[str, Any]] = []
-    cm = builders.build_config_map(owner, spec, rev)
-    if cm:
-        objs.append(cm)
-    objs.append(
-        builders.build_deployment(
-            owner,
-            spec,
-            rev,
-            revision_number=1,
-            replicas=None if spec.autoscaling else spec.effective_replicas,
-        )
-    )
-    objs.extend(builders.build_services(owner, spec, stable=rev, candidate=None))
-    hpa = builders.build_hpa(owner, spec, target=builders.deployment_name(owner, rev, spec.rollout.strategy))
-    if hpa:
-        objs.append(hpa)
-    pdb = builders.build_pdb(owner, spec)
-    if pdb:
-        objs.append(pdb)
-    return objs
+    state, by_number = children.first_revision(owner, spec)
+    # What the operator keeps applying once revision 1 serves (Gateway routes: as where their CRDs exist).
+    return children.desired_children(owner, spec, state, by_number, spec.effective_replicas)
 
 
 def _cmd_render(args: argparse.Namespace) -> int:

@@ -22,9 +22,10 @@ import kopf
 
 from . import api, builders, kopfpatch, metrics
 from .analysis import TritonAnalysis
+from .cache import Cache
 from .kube import Kube
 from .leader import LeaderElector
-from .reconcile import Cache, Reconciler
+from .reconcile import Reconciler
 from .workqueue import WorkQueue
 
 log = logging.getLogger("modeldeploy")

@@ -25,10 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import api
-
-PROMOTE_ANNOTATION = f"{api.GROUP}/promote"
-RESUME_ANNOTATION = f"{api.GROUP}/resume"
-ABORT_ANNOTATION = f"{api.GROUP}/abort"
+from .api import ABORT_ANNOTATION, PROMOTE_ANNOTATION, RESUME_ANNOTATION
 
 HISTORY_COLUMNS = ("REVISION", "MODEL VERSION", "IMAGE", "CREATED", "OUTCOME", "REASON")
 

@@ -3,6 +3,8 @@ on change), replica counts. Pure functions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import api, rollout
 
 READY, PROGRESSING, DEGRADED, ROLLED_BACK = "Ready", "Progressing", "Degraded", "RolledBack"
@@ -90,3 +92,36 @@ def phase_of(
             )
         return "Pending", f"waiting for pods: {stable_ready}/{stable_desired} ready"
     return "Ready", f"serving revision {state.stable_revision}"
+
+
+#: Status fields derived from one observation of the pods: they always travel together.
+SUMMARY_FIELDS = ("phase", "message", "ready", "readyReplicas", "replicas", "conditions")
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch of status from ``old`` (the cache's, possibly behind the server) to ``new``.
+
+    A plain diff leaves out every field ``old`` already shows as ``new`` has it; if the server's differs
+    (the cache behind it), the server ends up with one observation's phase beside another's ready count
+    ("phase Ready, ready 1/2"). So when any summary field changes, all of them are sent."""
+    patch = merge_patch(old, new)
+    if any(k in patch for k in SUMMARY_FIELDS):
+        for k in SUMMARY_FIELDS:
+            patch[k] = new.get(k)
+    return patch
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning ``old`` into ``new`` (removed keys become null)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    return patch

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from modeldeploy import api, builders, staging
-from modeldeploy.reconcile import _quantity
+from modeldeploy.api import parse_quantity as _quantity
 
 OWNER = builders.Owner(name="resnet50", namespace="ml", uid="0b1c2d3e-0000-4000-8000-000000000001")
 REV = "a1b2c3d4e5"

@@ -42,8 +42,10 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from modeldeploy import api, builders, crdgen, revision, rollout, tritonconfig
+from modeldeploy.cache import Cache
+from modeldeploy.children import with_applied_hash
 from modeldeploy.kube import API_MAX_JSON_DEPTH, ApiError, yaml_safe_json
-from modeldeploy.reconcile import Cache, Reconciler, with_applied_hash
+from modeldeploy.reconcile import Reconciler
 
 SPEC_SCHEMA: dict[str, Any] = crdgen.openapi_schema()["properties"]["spec"]
 #: Per spec, the chance (percent) that a schema node below the root gets a hostile value instead of a

@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import plugin, reconcile
-
-
-def test_annotation_keys_are_the_ones_the_reconciler_reads() -> None:
-    assert plugin.PROMOTE_ANNOTATION == reconcile.PROMOTE_ANNOTATION
-    assert plugin.RESUME_ANNOTATION == reconcile.RESUME_ANNOTATION
-    assert plugin.ABORT_ANNOTATION == reconcile.ABORT_ANNOTATION
+from modeldeploy import plugin
 
 
 @pytest.mark.parametrize(

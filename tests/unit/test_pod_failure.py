@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from modeldeploy import api, builders
-from modeldeploy.reconcile import observe_revision, pod_failure
+from modeldeploy.observe import observe_revision, pod_failure
 
 STAGER_LOG = (
     "staging s3://models/repo into /models\n"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, reconcile, rollout, status
+from modeldeploy import api, rollout, status
 
 T1, T2, T3 = "2025-01-01T00:00:00Z", "2025-01-01T00:05:00Z", "2025-01-01T00:10:00Z"
 
@@ -177,11 +177,11 @@ def test_status_patch_never_mixes_two_observations() -> None:
         "replicas": 2,
         "message": "serving revision 1",
     }
-    written = _apply_merge_patch(server, reconcile.status_patch(cache, new))
+    written = _apply_merge_patch(server, status.status_patch(cache, new))
     assert (written["phase"], written["ready"], written["readyReplicas"]) == ("Ready", "2/2", 2), written
 
 
 def test_status_patch_sends_nothing_when_nothing_changed() -> None:
     st = {"phase": "Ready", "ready": "2/2", "readyReplicas": 2, "replicas": 2, "history": [{"revision": 1}]}
-    assert reconcile.status_patch(st, dict(st)) == {}
-    assert reconcile.status_patch(st, {**st, "history": []}) == {"history": []}
+    assert status.status_patch(st, dict(st)) == {}
+    assert status.status_patch(st, {**st, "history": []}) == {"history": []}

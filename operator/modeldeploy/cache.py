@@ -1,0 +1,90 @@
+"""The watch cache: every object the watches deliver, kept slim, indexed by owner.
+
+Kept by hand rather than taken from a library: kopf has no shared informer cache, and what this one
+does (drop other managers' managedFields and most of a Pod, index children by the ModelDeployment label,
+ignore events older than our own write's response) is what makes a reconcile cost no API reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import api, builders
+
+#: Pod fields the reconcile reads (readiness, crash loops, IPs for direct scraping): the rest of a Pod
+#: (its spec, most of its metadata) is dropped before caching.
+_POD_META = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp", "ownerReferences")
+_POD_STATUS = ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP")
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of an object (like controller-runtime's cache transforms): never other
+    managers' ``managedFields`` (often a third of a body; only our own Apply entry is read, to hand a
+    Deployment's replicas over to an HPA), and of a Pod only the fields the reconcile reads.
+    Never modifies ``obj``: a trimmed object is a new top-level dict sharing the nested values, and an
+    object with nothing to trim is returned as it is."""
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") == "Pod":
+        status = obj.get("status") or {}
+        return {
+            "kind": "Pod",
+            "metadata": {k: meta[k] for k in _POD_META if k in meta},
+            "status": {k: status[k] for k in _POD_STATUS if k in status},
+        }
+    managed = meta.get("managedFields")
+    if managed is None:
+        return obj
+    ours = [m for m in managed if m.get("manager") == builders.MANAGER and m.get("operation") == "Apply"]
+    return {**obj, "metadata": {**meta, "managedFields": ours}}
+
+
+class Cache:
+    """Objects seen by the watches, indexed by (kind, namespace, owning ModelDeployment).
+    Objects are kept :func:`slim`: everything a reconcile reads, nothing else."""
+
+    def __init__(self) -> None:
+        self._objs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._by_owner: dict[tuple[str, str, str], set[str]] = {}
+
+    @staticmethod
+    def _owner(obj: dict[str, Any]) -> str:
+        if obj.get("kind") == api.KIND:
+            return str(obj["metadata"]["name"])
+        return str((obj["metadata"].get("labels") or {}).get(builders.LABEL_NAME, ""))
+
+    def put(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta.get("namespace", ""), meta["name"])
+        old = self._objs.get(key)
+        if old is not None and _rv(old) > _rv(obj):
+            return  # an older event arriving after our own write's response
+        if old is not None:
+            self._by_owner.get((key[0], key[1], self._owner(old)), set()).discard(key[2])
+        obj = slim(obj)
+        self._objs[key] = obj
+        self._by_owner.setdefault((key[0], key[1], self._owner(obj)), set()).add(key[2])
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        old = self._objs.pop((kind, namespace, name), None)
+        if old is not None:
+            self._by_owner.get((kind, namespace, self._owner(old)), set()).discard(name)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._objs.get((kind, namespace, name))
+
+    def owned(self, kind: str, namespace: str, owner: str) -> list[dict[str, Any]]:
+        names = self._by_owner.get((kind, namespace, owner), set())
+        return [self._objs[(kind, namespace, n)] for n in sorted(names) if (kind, namespace, n) in self._objs]
+
+    def keys(self, kind: str) -> list[tuple[str, str]]:
+        return [(ns, name) for (k, ns, name) in self._objs if k == kind]
+
+    def __len__(self) -> int:
+        return len(self._objs)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
