@@ -4,7 +4,7 @@ s3://, gs:// and as:// model repositories itself, against local servers on 127.0
 
 Prints one line per attempt: the repository URI, the environment given, and whether the model
 became ready (and when) or what happened instead. docs/storage.md quotes its results; they are
-why builders.NATIVE_SCHEMES is empty.
+why every scheme is staged by the init container (builders.repository_path).
 
 Usage: .venv/bin/python hack/measure-triton-storage.py [--wait 40]
 """

@@ -28,7 +28,6 @@ PVC_MOUNT_DIR = "/mnt/model-pvc"
 # docs/storage.md: Triton's as:// cannot use any endpoint but *.blob.core.windows.net and aborts when
 # that fails; its s3:// ignores AWS_ENDPOINT_URL; and credentials would sit in the container that runs
 # the model's code).
-NATIVE_SCHEMES: frozenset[str] = frozenset()
 DEFAULT_STAGER_IMAGE = "ghcr.io/modeldeploy/operator:0.1.0"
 # A terminating pod leaves the Services' endpoints a beat after it is marked (EndpointSlice controller,
 # then every kube-proxy or load balancer). Until then new connections still reach it: Triton keeps
@@ -111,16 +110,10 @@ def service_names(owner: Owner, strategy: api.Strategy) -> dict[str, str]:
 # --------------------------------------------------------------------------- pods
 
 
-def needs_staging(spec: api.ModelDeploymentSpec) -> bool:
-    """Whether an init container stages the repository into an emptyDir (every scheme, see
-    ``NATIVE_SCHEMES``; a rendered config.pbtxt is added there too)."""
-    return spec.model.scheme not in NATIVE_SCHEMES or spec.model.config is not None
-
-
 def repository_path(spec: api.ModelDeploymentSpec) -> str:
-    if needs_staging(spec):
-        return MODEL_REPO_DIR
-    return spec.model.storage_uri
+    """Where Triton finds the repository: every scheme is staged there by the init container (Triton's
+    own cloud storage cannot be given a CA or a private endpoint per model; see docs/storage.md)."""
+    return MODEL_REPO_DIR
 
 
 def pvc_claim(spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
@@ -146,22 +139,6 @@ def triton_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
         "--allow-metrics=true",
         *spec.server.args,
     ]
-
-
-def _credentials_env(spec: api.ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(envFrom, env) for a container that reads the storage itself (Triton, for a scheme in
-    ``NATIVE_SCHEMES``): the credentials Secret by reference, its values never copied. The stager
-    needs neither: it reads the Secret's files, mounted at ``CREDENTIALS_DIR``."""
-    secret = spec.model.credentials_secret
-    if not secret or needs_staging(spec):
-        return [], []
-    env_from = [{"secretRef": {"name": secret}}]
-    env: list[dict[str, Any]] = []
-    if spec.model.scheme == "gs":
-        env.append(
-            {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/service-account.json"}
-        )
-    return env_from, env
 
 
 def _env(items: list[api.EnvVar]) -> list[dict[str, Any]]:
@@ -199,19 +176,45 @@ RESTRICTED_POD_SECURITY = {
 def build_pod_template(
     owner: Owner, spec: api.ModelDeploymentSpec, rev: str, *, stager_image: str = DEFAULT_STAGER_IMAGE
 ) -> dict[str, Any]:
+    """The pod of one revision: the stager (init container) fills an emptyDir with the one model
+    version asked for, then Triton serves it from there."""
     server = spec.server
-    name = model_name(owner, spec)
-    version = spec.model.version
-    ready_path = f"/v2/models/{name}/versions/{version}/ready"
-    env_from, cred_env = _credentials_env(spec)
+    drain = DEFAULT_DRAIN_SECONDS if server.drain_seconds is None else server.drain_seconds
+    stager = _stager_container(owner, spec, rev, stager_image)
+    pod_spec: dict[str, Any] = {
+        "containers": [_triton_container(owner, spec, drain)],
+        "volumes": _volumes(owner, spec, rev),
+        "securityContext": RESTRICTED_POD_SECURITY,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": drain + TRITON_SHUTDOWN_SECONDS,
+        "initContainers": [stager],
+    }
+    if server.node_selector:
+        pod_spec["nodeSelector"] = dict(server.node_selector)
+    if server.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in server.tolerations]
+    if server.affinity:
+        pod_spec["affinity"] = server.affinity
+    if server.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = server.topology_spread_constraints
+    if server.service_account_name:
+        pod_spec["serviceAccountName"] = server.service_account_name
+    if server.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in server.image_pull_secrets]
+    labels = {**(server.pod_labels or {}), **revision_labels(owner, spec, rev)}
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        **(server.pod_annotations or {}),
+    }
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
+
+def _volumes(owner: Owner, spec: api.ModelDeploymentSpec, rev: str) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": server.shm_size}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.server.shm_size}},
         {"name": "tmp", "emptyDir": {}},
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "tmp", "mountPath": "/tmp"},
     ]
     if spec.model.credentials_secret:
         volumes.append(
@@ -222,53 +225,54 @@ def build_pod_template(
         volumes.append(
             {"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim[0], "readOnly": True}}
         )
+    volumes.append({"name": "models", "emptyDir": {}})
+    if spec.model.config is not None:
+        volumes.append({"name": "model-config", "configMap": {"name": config_map_name(owner, rev)}})
+    return volumes
 
-    init_containers: list[dict[str, Any]] = []
-    if needs_staging(spec):
-        volumes.append({"name": "models", "emptyDir": {}})
-        mounts.append({"name": "models", "mountPath": MODEL_REPO_DIR, "readOnly": True})
-        # /tmp: scratch space (a downloaded archive before it is unpacked); the root filesystem is read-only
-        stage_mounts: list[dict[str, Any]] = [
-            {"name": "models", "mountPath": MODEL_REPO_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ]
-        stage_args = [
-            "stage",
-            f"--uri={spec.model.storage_uri}",
-            f"--dest={MODEL_REPO_DIR}",
-            f"--model={name}",
-            f"--version={version}",
-        ]
-        if spec.model.config is not None:
-            volumes.append({"name": "model-config", "configMap": {"name": config_map_name(owner, rev)}})
-            stage_mounts.append({"name": "model-config", "mountPath": CONFIG_DIR, "readOnly": True})
-            stage_args.append(f"--config={CONFIG_DIR}/config.pbtxt")
-        if claim:
-            stage_mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT_DIR, "readOnly": True})
-            stage_args.append(f"--pvc-root={PVC_MOUNT_DIR}")
-        if spec.model.credentials_secret:
-            stage_mounts.append(
-                {"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True}
-            )
-            stage_args.append(f"--credentials-dir={CREDENTIALS_DIR}")
-        init_containers.append(
-            {
-                "name": "stage-model",
-                "image": stager_image,
-                "args": stage_args,
-                "volumeMounts": stage_mounts,
-                "securityContext": RESTRICTED_CONTAINER_SECURITY,
-                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-                # the stager's error line becomes the termination message the operator reports
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-            }
-        )
-    else:
-        if spec.model.credentials_secret:
-            mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
-        if claim:
-            mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT_DIR, "readOnly": True})
 
+def _stager_container(owner: Owner, spec: api.ModelDeploymentSpec, rev: str, image: str) -> dict[str, Any]:
+    """The init container that stages the model version (the operator image's ``stage`` command)."""
+    # /tmp: scratch space (a downloaded archive before it is unpacked); the root filesystem is read-only
+    mounts: list[dict[str, Any]] = [
+        {"name": "models", "mountPath": MODEL_REPO_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    args = [
+        "stage",
+        f"--uri={spec.model.storage_uri}",
+        f"--dest={MODEL_REPO_DIR}",
+        f"--model={model_name(owner, spec)}",
+        f"--version={spec.model.version}",
+    ]
+    if spec.model.config is not None:
+        mounts.append({"name": "model-config", "mountPath": CONFIG_DIR, "readOnly": True})
+        args.append(f"--config={CONFIG_DIR}/config.pbtxt")
+    if pvc_claim(spec):
+        mounts.append({"name": "model-pvc", "mountPath": PVC_MOUNT_DIR, "readOnly": True})
+        args.append(f"--pvc-root={PVC_MOUNT_DIR}")
+    if spec.model.credentials_secret:
+        mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+        args.append(f"--credentials-dir={CREDENTIALS_DIR}")
+    stager: dict[str, Any] = {
+        "name": "stage-model",
+        "image": image,
+        "args": args,
+        "volumeMounts": mounts,
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        # the stager's error line becomes the termination message the operator reports
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.server.env:
+        # storage settings given as server env (AWS_REGION, an endpoint...) reach the stager too
+        stager["env"] = _env(spec.server.env)
+    return stager
+
+
+def _triton_container(owner: Owner, spec: api.ModelDeploymentSpec, drain: int) -> dict[str, Any]:
+    server = spec.server
+    ready_path = f"/v2/models/{model_name(owner, spec)}/versions/{spec.model.version}/ready"
     container: dict[str, Any] = {
         "name": "triton",
         "image": server.image,
@@ -284,57 +288,24 @@ def build_pod_template(
         "startupProbe": _probe(ready_path, period=2, failures=300),
         "readinessProbe": _probe(ready_path, period=5, failures=3),
         "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
-        "volumeMounts": mounts,
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "models", "mountPath": MODEL_REPO_DIR, "readOnly": True},
+        ],
         "securityContext": RESTRICTED_CONTAINER_SECURITY,
         # Triton's last log lines (e.g. why a model failed to load) become the termination message
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    drain = DEFAULT_DRAIN_SECONDS if server.drain_seconds is None else server.drain_seconds
     if drain:
         container["lifecycle"] = {"preStop": {"sleep": {"seconds": drain}}}
     if server.image_pull_policy:
         container["imagePullPolicy"] = server.image_pull_policy
-    env = cred_env + _env(server.env)
-    if env:
-        container["env"] = env
-    if env_from:
-        container["envFrom"] = env_from
-    if init_containers and server.env:
-        # storage settings given as server env (AWS_REGION, an endpoint...) reach the stager too
-        init_containers[0]["env"] = _env(server.env)
+    if server.env:
+        container["env"] = _env(server.env)
     if server.resources is not None:
         container["resources"] = server.resources.model_dump(by_alias=True, exclude_none=True)
-
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "securityContext": RESTRICTED_POD_SECURITY,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": drain + TRITON_SHUTDOWN_SECONDS,
-    }
-    if init_containers:
-        pod_spec["initContainers"] = init_containers
-    if server.node_selector:
-        pod_spec["nodeSelector"] = dict(server.node_selector)
-    if server.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in server.tolerations]
-    if server.affinity:
-        pod_spec["affinity"] = server.affinity
-    if server.topology_spread_constraints:
-        pod_spec["topologySpreadConstraints"] = server.topology_spread_constraints
-    if server.service_account_name:
-        pod_spec["serviceAccountName"] = server.service_account_name
-    if server.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in server.image_pull_secrets]
-
-    labels = {**(server.pod_labels or {}), **revision_labels(owner, spec, rev)}
-    annotations = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(METRICS_PORT),
-        **(server.pod_annotations or {}),
-    }
-    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+    return container
 
 
 def build_deployment(

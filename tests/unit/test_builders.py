@@ -415,11 +415,14 @@ def test_no_config_map_without_model_config() -> None:
 
 
 def test_every_scheme_the_api_accepts_is_one_the_stager_supports() -> None:
-    # the CRD's storageUri pattern lists the schemes; each one reaches the stager (NATIVE_SCHEMES is empty)
+    # the CRD's storageUri pattern lists the schemes; each one reaches the stager
     schemes = set(api.STORAGE_URI_PATTERN.split("(", 1)[1].split(")", 1)[0].replace("s?", "s").split("|"))
     schemes |= {"http"}
     assert schemes == staging.SUPPORTED_SCHEMES
-    assert not builders.NATIVE_SCHEMES
+    for uri in ("s3://b/r", "gs://b/r", "as://a/c/r", "pvc://claim/r", "https://h/r.tar.gz"):
+        pod = builders.build_pod_template(OWNER, spec_of({"storageUri": uri}), REV)["spec"]
+        assert [c["name"] for c in pod["initContainers"]] == ["stage-model"], uri
+        assert f"--model-repository={builders.MODEL_REPO_DIR}" in pod["containers"][0]["args"], uri
 
 
 # --------------------------------------------------------------------------- Services
