@@ -442,51 +442,7 @@ def build_hpa(
     auto = spec.autoscaling
     if auto is None:
         return None
-    metrics: list[dict[str, Any]] = []
-    if auto.target_cpu_utilization is not None:
-        metrics.append(
-            {
-                "type": "Resource",
-                "resource": {
-                    "name": "cpu",
-                    "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization},
-                },
-            }
-        )
-    if auto.queue_time_microseconds is not None:
-        metrics.append(
-            {
-                "type": "Pods",
-                "pods": {
-                    "metric": {"name": "avg_time_queue_us"},
-                    "target": {"type": "AverageValue", "averageValue": str(auto.queue_time_microseconds)},
-                },
-            }
-        )
-    if auto.pending_requests is not None:
-        metrics.append(
-            {
-                "type": "Pods",
-                "pods": {
-                    "metric": {"name": "nv_inference_pending_request_count"},
-                    "target": {"type": "AverageValue", "averageValue": str(auto.pending_requests)},
-                },
-            }
-        )
-    if auto.gpu_utilization is not None:
-        metrics.append(
-            {
-                "type": "External",
-                "external": {
-                    "metric": {
-                        "name": "nv_gpu_utilization",
-                        "selector": {"matchLabels": {PROM_LABEL_NAME: owner.name}},
-                    },
-                    # Triton exports utilisation as 0.0-1.0 per GPU; averaged per pod.
-                    "target": {"type": "AverageValue", "averageValue": f"{auto.gpu_utilization * 10}m"},
-                },
-            }
-        )
+    metrics = _hpa_metrics(owner, auto)
     floor = max(auto.min_replicas, min(min_replicas or 0, auto.max_replicas))
     hpa_spec: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
@@ -502,6 +458,36 @@ def build_hpa(
         "metadata": _meta(owner, owner.name, common_labels(owner, spec, "autoscaler")),
         "spec": hpa_spec,
     }
+
+
+def _pods_metric(name: str, average: int) -> dict[str, Any]:
+    """A per-pod Triton metric (served to the HPA by prometheus-adapter) and its average target."""
+    target = {"type": "AverageValue", "averageValue": str(average)}
+    return {"type": "Pods", "pods": {"metric": {"name": name}, "target": target}}
+
+
+def _hpa_metrics(owner: Owner, auto: api.AutoscalingSpec) -> list[dict[str, Any]]:
+    metrics: list[dict[str, Any]] = []
+    if auto.target_cpu_utilization is not None:
+        target = {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization}
+        metrics.append({"type": "Resource", "resource": {"name": "cpu", "target": target}})
+    if auto.queue_time_microseconds is not None:
+        metrics.append(_pods_metric("avg_time_queue_us", auto.queue_time_microseconds))
+    if auto.pending_requests is not None:
+        metrics.append(_pods_metric("nv_inference_pending_request_count", auto.pending_requests))
+    if auto.gpu_utilization is not None:
+        selector = {"matchLabels": {PROM_LABEL_NAME: owner.name}}
+        metrics.append(
+            {
+                "type": "External",
+                "external": {
+                    "metric": {"name": "nv_gpu_utilization", "selector": selector},
+                    # Triton exports utilisation as 0.0-1.0 per GPU; averaged per pod.
+                    "target": {"type": "AverageValue", "averageValue": f"{auto.gpu_utilization * 10}m"},
+                },
+            }
+        )
+    return metrics
 
 
 def build_pdb(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any] | None:

@@ -22,36 +22,18 @@ def set_condition(
 ) -> list[api.Condition]:
     """Return ``conditions`` with ``type_`` set; lastTransitionTime changes only when status does."""
     value = status if isinstance(status, str) else ("True" if status else "False")
-    out = []
-    found = False
-    for cond in conditions:
-        if cond.type == type_:
-            found = True
-            ltt = cond.last_transition_time if cond.status == value else now
-            out.append(
-                api.Condition(
-                    type=type_,
-                    status=value,
-                    reason=reason,
-                    message=message,
-                    last_transition_time=ltt,
-                    observed_generation=generation,
-                )
-            )
-        else:
-            out.append(cond)
-    if not found:
-        out.append(
-            api.Condition(
-                type=type_,
-                status=value,
-                reason=reason,
-                message=message,
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        )
-    return out
+    old = next((c for c in conditions if c.type == type_), None)
+    new = api.Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=old.last_transition_time if old is not None and old.status == value else now,
+        observed_generation=generation,
+    )
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == type_ else c for c in conditions]
 
 
 def phase_of(
