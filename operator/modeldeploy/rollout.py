@@ -24,17 +24,11 @@ from datetime import UTC, datetime
 
 from . import api
 
-IDLE, PROGRESSING, PAUSED, PROMOTING, ROLLED_BACK, ABORTED = (
-    "Idle",
-    "Progressing",
-    "Paused",
-    "Promoting",
-    "RolledBack",
-    "Aborted",
-)
+IDLE, PROGRESSING, PAUSED, PROMOTING, ROLLED_BACK, ABORTED = api.RolloutPhase
 
 CRASHLOOP_RESTARTS = 3
 FAILED_PAUSE = "Failed: "
+WAITING = api.PauseReason.waiting_for_promote
 
 
 def now_iso(now: datetime) -> str:
@@ -120,7 +114,11 @@ def _fail(
     cand = state.candidate_revision
     if not auto_rollback and not aborted:
         st = state.model_copy(
-            update={"state": PAUSED, "reason": f"{FAILED_PAUSE}{reason} (autoRollback is off)"}
+            update={
+                "state": PAUSED,
+                "pause_reason": api.PauseReason.candidate_failed,
+                "reason": f"{FAILED_PAUSE}{reason} (autoRollback is off)",
+            }
         )
         return Transition(
             st,
@@ -270,12 +268,13 @@ def advance(
 
     if commands.abort:
         return _fail(state, "aborted by user", now, auto_rollback=True, aborted=True)
-    if state.state == PAUSED and (state.reason or "").startswith(FAILED_PAUSE):
+    if state.state == PAUSED and state.pause_reason == api.PauseReason.candidate_failed:
         # Failed with autoRollback off: hold until the user decides (promote, resume or abort).
         if commands.promote:
             st = state.model_copy(
                 update={
                     "state": PROMOTING,
+                    "pause_reason": None,
                     "weight": 100,
                     "step_started_at": now_iso(now),
                     "reason": "promoted by user",
@@ -284,7 +283,12 @@ def advance(
             return Transition(st, [("Normal", "PromoteRequested", f"revision {cand}: promoted by user")])
         if commands.resume:
             st = state.model_copy(
-                update={"state": PROGRESSING, "step_started_at": now_iso(now), "reason": None}
+                update={
+                    "state": PROGRESSING,
+                    "pause_reason": None,
+                    "step_started_at": now_iso(now),
+                    "reason": None,
+                }
             )
             return Transition(st, [("Normal", "Resumed", f"rollout of revision {cand} resumed")])
         return Transition(state)
@@ -294,6 +298,7 @@ def advance(
         st = state.model_copy(
             update={
                 "state": PROMOTING,
+                "pause_reason": None,
                 "weight": 100,
                 "step_started_at": now_iso(now),
                 "reason": "promoted by user",
@@ -344,12 +349,21 @@ def advance(
 
     if commands.paused:
         if state.state != PAUSED:
-            st = state.model_copy(update={"state": PAUSED, "reason": "spec.paused"})
+            st = state.model_copy(
+                update={"state": PAUSED, "pause_reason": api.PauseReason.spec_paused, "reason": "spec.paused"}
+            )
             return Transition(st, [("Normal", "Paused", f"rollout of revision {cand} paused")])
         return Transition(state)
 
-    if state.state == PAUSED and state.reason == "spec.paused":
-        st = state.model_copy(update={"state": PROGRESSING, "reason": None, "step_started_at": now_iso(now)})
+    if state.state == PAUSED and state.pause_reason == api.PauseReason.spec_paused:
+        st = state.model_copy(
+            update={
+                "state": PROGRESSING,
+                "pause_reason": None,
+                "reason": None,
+                "step_started_at": now_iso(now),
+            }
+        )
         return Transition(st, [("Normal", "Resumed", f"rollout of revision {cand} resumed")])
 
     # Strategy gates: analysis once pods are ready.
@@ -369,13 +383,21 @@ def advance(
         # Preview is ready (and passed analysis): flip, unless waiting for a manual promote.
         if auto_promote or commands.resume:
             st = state.model_copy(
-                update={"state": PROMOTING, "weight": 100, "step_started_at": now_iso(now), "reason": None}
+                update={
+                    "state": PROMOTING,
+                    "pause_reason": None,
+                    "weight": 100,
+                    "step_started_at": now_iso(now),
+                    "reason": None,
+                }
             )
             return Transition(
                 st, [("Normal", "Promoting", f"preview revision {cand} ready: switching traffic")]
             )
         if state.state != PAUSED:
-            st = state.model_copy(update={"state": PAUSED, "reason": "waiting for promote"})
+            st = state.model_copy(
+                update={"state": PAUSED, "pause_reason": WAITING, "reason": "waiting for promote"}
+            )
             return Transition(st, [("Normal", "Paused", f"preview revision {cand} ready; waits for promote")])
         return Transition(state)
 
@@ -397,7 +419,9 @@ def advance(
         if step.pause.duration is None:
             if not commands.resume:
                 if state.state != PAUSED:
-                    st = state.model_copy(update={"state": PAUSED, "reason": "waiting for promote"})
+                    st = state.model_copy(
+                        update={"state": PAUSED, "pause_reason": WAITING, "reason": "waiting for promote"}
+                    )
                     return Transition(
                         st,
                         [("Normal", "Paused", f"revision {cand}: step {state.step + 1} waits for promote")],
@@ -412,6 +436,7 @@ def advance(
         st = state.model_copy(
             update={
                 "state": PROMOTING,
+                "pause_reason": None,
                 "step": min(nxt, len(steps) - 1),
                 "weight": 100,
                 "step_started_at": now_iso(now),
@@ -423,6 +448,7 @@ def advance(
     st = state.model_copy(
         update={
             "state": PROGRESSING,
+            "pause_reason": None,
             "step": nxt,
             "weight": steps[nxt].weight,
             "step_started_at": now_iso(now),
