@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from . import api
+from . import api, timeutil
 
 IDLE, PROGRESSING, PAUSED, PROMOTING, ROLLED_BACK, ABORTED = api.RolloutPhase
 
@@ -31,14 +31,9 @@ FAILED_PAUSE = "Failed: "
 WAITING = api.PauseReason.waiting_for_promote
 
 
-def now_iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+# Persisted timestamps (status.rollout.*At); the reconcile imports these names.
+now_iso = timeutil.rfc3339
+parse_time = timeutil.parse_rfc3339
 
 
 @dataclass(frozen=True)
