@@ -77,9 +77,6 @@ class Sim:
         self.failing: dict[int, str] = {}
         self.changes: list[tuple[float, Transition]] = []  # (seconds since T0, transition that changed state)
         self.calls = 0
-        # A call that keeps the state must not emit events (the reconciler would post them on every
-        # reconcile). Only the tests of the known repeated-event bug switch this off.
-        self.allow_repeated_events = False
 
     # -- the cluster
     def plan(self, state: api.RolloutState | None = None) -> dict[int, int]:
@@ -138,10 +135,9 @@ class Sim:
             # or take the next single step; they never repeat the transition just made.
             nxt = rollout.advance(tr.state, **kwargs)
             assert len(nxt.events) <= 1
-            if not self.allow_repeated_events:
-                assert not set(nxt.events) & set(tr.events), f"transition repeated: {tr.events}"
+            assert not set(nxt.events) & set(tr.events), f"transition repeated: {tr.events}"
             self.changes.append((self.elapsed, tr))
-        elif not self.allow_repeated_events:
+        else:  # a call that keeps the state posts nothing (the reconciler would post it on every reconcile)
             assert not tr.events, f"events without a transition (posted on every reconcile): {tr.events}"
         self.state = tr.state
         return tr
@@ -657,7 +653,6 @@ def test_rolling_goes_straight_to_promoting() -> None:
 
 def test_auto_rollback_off_pauses_instead() -> None:
     sim = serving_v1(Sim(auto_rollback=False, deadline=60))
-    sim.allow_repeated_events = True  # see test_auto_rollback_off_failure_is_reported_once
     sim.never_ready.add(2)
     sim.run(2, state_is(PAUSED))
     assert sim.state is not None and sim.state.reason is not None
@@ -674,7 +669,6 @@ def test_auto_rollback_off_pauses_instead() -> None:
 
 def test_auto_rollback_off_crashloop_pauses() -> None:
     sim = serving_v1(Sim(auto_rollback=False))
-    sim.allow_repeated_events = True  # see test_auto_rollback_off_failure_is_reported_once
     sim.failing[2] = "CrashLoopBackOff: boom"
     sim.call(2)
     tr = sim.call(2)
@@ -687,7 +681,6 @@ def test_auto_rollback_off_crashloop_pauses() -> None:
 @pytest.mark.parametrize("failure", ["crashloop", "never-ready"])
 def test_auto_rollback_off_failure_is_reported_once(failure: str) -> None:
     sim = serving_v1(Sim(auto_rollback=False, deadline=60))
-    sim.allow_repeated_events = True
     if failure == "crashloop":
         sim.failing[2] = "CrashLoopBackOff: boom"
     else:
@@ -704,7 +697,6 @@ def test_auto_rollback_off_failure_is_reported_once(failure: str) -> None:
 
 def test_auto_rollback_off_analysis_failure_stays_paused() -> None:
     sim = serving_v1(Sim(auto_rollback=False))
-    sim.allow_repeated_events = True  # see test_auto_rollback_off_failure_is_reported_once
     sim.call(2)
     tr = sim.call(2, verdict="Fail", reason="error rate 0.5")
     assert tr.state.state == PAUSED and tr.state.pause_reason == CANDIDATE_FAILED
