@@ -74,7 +74,7 @@ from typing import Any, Protocol
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import api
+from . import api, timeutil
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def evaluate(
         return api.AnalysisResult(
             verdict=verdict,
             reason=reason,
-            time=_iso(now or datetime.now(UTC)),
+            time=timeutil.rfc3339(now or datetime.now(UTC)),
             values=values,
             inconclusive_count=inconclusive_count,
         )
@@ -351,10 +351,6 @@ def evaluate(
     if candidate.queue_ms is not None:
         summary += f", avg queue time {_num(candidate.queue_ms)}ms"
     return result(PASS, "; ".join([f"within limits: {summary}", *notes]))
-
-
-def _iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------- sample rows -> snapshot
@@ -723,7 +719,7 @@ class TritonAnalysis:
         return api.AnalysisResult(
             verdict=verdict,
             reason=reason,
-            time=_iso(self.wall_clock()),
+            time=timeutil.rfc3339(self.wall_clock()),
             values=values or {},
             inconclusive_count=count,
         )

@@ -846,12 +846,71 @@ class AnalysisResult(_Model):
     inconclusive_count: int = Field(default=0, description="Consecutive inconclusive windows.")
 
 
+class RolloutPhase(StrEnum):
+    """Phase of the rollout state machine (``status.rollout.state``); see :mod:`modeldeploy.rollout`."""
+
+    idle = "Idle"
+    progressing = "Progressing"
+    paused = "Paused"
+    promoting = "Promoting"
+    rolled_back = "RolledBack"
+    aborted = "Aborted"
+
+
+#: What each phase means: the one text for the CRD's description and the code's documentation.
+ROLLOUT_PHASES: dict[RolloutPhase, str] = {
+    RolloutPhase.idle: "no rollout; the stable revision serves.",
+    RolloutPhase.progressing: "the candidate is at a canary step or in the blue-green preview, "
+    "waiting for its pods, its analysis or the step's pause.",
+    RolloutPhase.paused: "stopped at a step until the user acts; pauseReason says why.",
+    RolloutPhase.promoting: "the last step passed (or promote was asked): the candidate is scaled to full "
+    "capacity, then becomes stable.",
+    RolloutPhase.rolled_back: "the candidate failed (reason says why); the stable revision serves until "
+    "the spec changes.",
+    RolloutPhase.aborted: "stopped by the user; the stable revision serves until the spec changes.",
+}
+
+
+class PauseReason(StrEnum):
+    """Why a rollout is Paused (``status.rollout.pauseReason``)."""
+
+    spec_paused = "SpecPaused"
+    waiting_for_promote = "WaitingForPromote"
+    candidate_failed = "CandidateFailed"
+
+
+#: What each pause reason means, and what ends the pause.
+PAUSE_REASONS: dict[PauseReason, str] = {
+    PauseReason.spec_paused: "spec.paused is true; setting it to false resumes.",
+    PauseReason.waiting_for_promote: "a canary step without a pause duration, or a blue-green preview with "
+    "autoPromote off; resume or promote continues.",
+    PauseReason.candidate_failed: "the candidate failed and autoRollback is off; its pods stay as they are "
+    "until promote, resume or abort.",
+}
+
+
+def _meanings(intro: str, meanings: dict[RolloutPhase, str] | dict[PauseReason, str]) -> str:
+    return " ".join([intro, *(f"{value.value}: {text}" for value, text in meanings.items())])
+
+
+def _legacy_pause_reason(reason: object) -> PauseReason | None:
+    """The pause reason an operator from before ``pauseReason`` kept only in the human ``reason``.
+
+    These are the texts it wrote then, frozen here: the messages written now may change."""
+    if not isinstance(reason, str):
+        return None
+    if reason.startswith("Failed: "):
+        return PauseReason.candidate_failed
+    return {
+        "spec.paused": PauseReason.spec_paused,
+        "waiting for promote": PauseReason.waiting_for_promote,
+    }.get(reason)
+
+
 class RolloutState(_Model):
     """The persisted rollout state machine. Written before each action."""
 
-    state: str = Field(
-        max_length=32, description="Idle, Progressing, Paused, Promoting, RollingBack or Aborted."
-    )
+    state: RolloutPhase = Field(description=_meanings("Phase of the rollout.", ROLLOUT_PHASES))
     stable_revision: int | None = Field(default=None, description="Revision serving before this rollout.")
     candidate_revision: int | None = Field(default=None, description="Revision being rolled out.")
     step: int = Field(default=0, description="Index of the current canary step.")
@@ -859,7 +918,14 @@ class RolloutState(_Model):
     step_started_at: str | None = Field(default=None, description="When the current step began.")
     started_at: str | None = Field(default=None, description="When the rollout began.")
     step_ready_at: str | None = Field(default=None, description="When the current step's pods became ready.")
-    reason: str | None = Field(default=None, max_length=1024, description="Why it is in this state.")
+    pause_reason: PauseReason | None = Field(
+        default=None, description=_meanings("Why the rollout is Paused (only then).", PAUSE_REASONS)
+    )
+    reason: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why it is in this state, in words (state and pauseReason are for programs).",
+    )
     scale_down_at: str | None = Field(
         default=None, description="When the superseded revision scales to zero."
     )
@@ -869,6 +935,17 @@ class RolloutState(_Model):
     )
     handled_resume: str | None = Field(default=None, description="Last modeldeploy.io/resume value acted on.")
     handled_abort: str | None = Field(default=None, description="Last modeldeploy.io/abort value acted on.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pause_reason_of_older_operators(cls, data: Any) -> Any:
+        """A Paused status written before ``pauseReason`` existed: its reason text says which pause."""
+        if not isinstance(data, dict) or data.get("state") != RolloutPhase.paused:
+            return data
+        if data.get("pauseReason") is not None or data.get("pause_reason") is not None:
+            return data
+        why = _legacy_pause_reason(data.get("reason"))
+        return data if why is None else {**data, "pauseReason": why.value}
 
 
 class Endpoints(_Model):

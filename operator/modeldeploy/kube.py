@@ -26,6 +26,7 @@ import aiohttp
 import kopf
 from prometheus_client import Counter
 
+from . import timeutil
 from .builders import MANAGER
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ class Kube:
     async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj`` (a milestone; never carries secrets)."""
         meta = obj["metadata"]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = timeutil.rfc3339(datetime.now(UTC))
         event = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from . import timeutil
 from .kube import ApiError, Kube
 
 log = logging.getLogger(__name__)
@@ -24,24 +25,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _fmt(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(value, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
-
-
 def expired(lease: dict[str, Any], now: datetime) -> bool:
     spec = lease.get("spec") or {}
-    renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+    renewed = timeutil.parse_rfc3339(spec.get("renewTime")) or timeutil.parse_rfc3339(spec.get("acquireTime"))
     if renewed is None:
         return True
     return (now - renewed).total_seconds() > float(spec.get("leaseDurationSeconds") or 15)
@@ -79,8 +65,8 @@ class LeaderElector:
             "spec": {
                 "holderIdentity": self.identity,
                 "leaseDurationSeconds": int(self.lease_seconds),
-                "acquireTime": _fmt(acquire),
-                "renewTime": _fmt(now),
+                "acquireTime": timeutil.rfc3339(acquire, micro=True),  # a Lease's times are MicroTime
+                "renewTime": timeutil.rfc3339(now, micro=True),
                 "leaseTransitions": transitions,
             },
         }
@@ -99,7 +85,7 @@ class LeaderElector:
             if not mine and not expired(lease, now):
                 return False
             transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
-            acquire = (_parse(spec.get("acquireTime")) or now) if mine else now
+            acquire = (timeutil.parse_rfc3339(spec.get("acquireTime")) or now) if mine else now
             await self.kube.request(
                 "PUT",
                 self.path,

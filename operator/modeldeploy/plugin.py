@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import api
+from . import api, timeutil
 from .api import ABORT_ANNOTATION, PROMOTE_ANNOTATION, RESUME_ANNOTATION
 
 HISTORY_COLUMNS = ("REVISION", "MODEL VERSION", "IMAGE", "CREATED", "OUTCOME", "REASON")
@@ -35,7 +35,7 @@ HISTORY_COLUMNS = ("REVISION", "MODEL VERSION", "IMAGE", "CREATED", "OUTCOME", "
 
 def nonce(now: datetime | None = None) -> str:
     """A fresh annotation value: the operator acts once on each distinct value."""
-    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return timeutil.rfc3339(now or datetime.now(UTC), micro=True)
 
 
 def patch_for(command: str, *, value: str | None = None, revision: int | None = None) -> dict[str, Any]:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import contextlib
 import datetime as dt
 import json
 import os
@@ -66,6 +65,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from . import timeutil
 
 SUPPORTED_SCHEMES = {"pvc", "http", "https", "s3", "gs", "as"}
 CLOUD_SCHEMES = {"s3", "gs", "as"}
@@ -490,9 +491,7 @@ class WebIdentityProvider:
         }
         self.settings.remember(out["access_key_id"], out["secret_access_key"], out["token"])
         expiration = creds.findtext(f"{STS_NS}Expiration")
-        if expiration:
-            with contextlib.suppress(ValueError):
-                out["expires_at"] = dt.datetime.fromisoformat(expiration.replace("Z", "+00:00"))
+        out["expires_at"] = timeutil.parse_rfc3339(expiration)
         return out
 
 

@@ -861,11 +861,12 @@ def test_paused_rollout_stays_paused_across_a_restart(
     md.patch({"spec": {"model": {"version": 2}}})
 
     # 1. A step without duration waits for promote/resume, across a restart.
-    obs.until(
+    s = obs.until(
         lambda s: s.state == "Paused" and s.rollout.get("step") == 0 and s.deps.get(2) == (1, 1),
         60,
         "paused at the first step",
     )
+    assert s.rollout["pauseReason"] == "WaitingForPromote"
     restartable.kill()
     restartable.start()
     hold_for(
@@ -885,6 +886,7 @@ def test_paused_rollout_stays_paused_across_a_restart(
     plugin(cluster, "pause", "nap", "-n", rk_ns)
     s = obs.until(lambda s: s.state == "Paused", 30, "paused by spec.paused")
     assert s.rollout["step"] == 1 and s.rollout["reason"] == "spec.paused" and s.spec["paused"] is True
+    assert s.rollout["pauseReason"] == "SpecPaused"
     restartable.kill()
     restartable.start()
     hold_for(

@@ -276,6 +276,18 @@ def test_enums_come_from_the_api(schema: dict[str, Any]) -> None:
     assert set(spec["model"]["required"]) == {"format", "storageUri", "version"}
 
 
+def test_rollout_phases_and_pause_reasons_are_enums_described_by_the_code(schema: dict[str, Any]) -> None:
+    rollout = schema["properties"]["status"]["properties"]["rollout"]["properties"]
+    for field, enum, meanings in (
+        ("state", api.RolloutPhase, api.ROLLOUT_PHASES),
+        ("pauseReason", api.PauseReason, api.PAUSE_REASONS),
+    ):
+        assert rollout[field]["enum"] == [v.value for v in enum]
+        assert set(meanings) == set(enum), f"{field}: every value has its meaning"
+        for value, meaning in meanings.items():
+            assert f"{value.value}: {meaning}" in rollout[field]["description"]
+
+
 def test_api_reference_matches_the_schema() -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "api-reference.md"
     assert docs.read_text() == crdgen.render_api_reference(), (

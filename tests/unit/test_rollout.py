@@ -30,6 +30,9 @@ from modeldeploy.rollout import (
 )
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+SPEC_PAUSED = api.PauseReason.spec_paused
+WAITING_FOR_PROMOTE = api.PauseReason.waiting_for_promote
+CANDIDATE_FAILED = api.PauseReason.candidate_failed
 CANARY, BLUE_GREEN, ROLLING = api.Strategy.canary, api.Strategy.blue_green, api.Strategy.rolling
 
 
@@ -74,9 +77,6 @@ class Sim:
         self.failing: dict[int, str] = {}
         self.changes: list[tuple[float, Transition]] = []  # (seconds since T0, transition that changed state)
         self.calls = 0
-        # A call that keeps the state must not emit events (the reconciler would post them on every
-        # reconcile). Only the tests of the known repeated-event bug switch this off.
-        self.allow_repeated_events = False
 
     # -- the cluster
     def plan(self, state: api.RolloutState | None = None) -> dict[int, int]:
@@ -124,6 +124,9 @@ class Sim:
             "not deterministic"
         )
         assert len(tr.events) <= 1, f"more than one transition in one call: {tr.events}"
+        assert (tr.state.pause_reason is not None) == (tr.state.state == PAUSED), (
+            f"a pause reason exactly while Paused: {tr.state}"
+        )
         if tr.state != self.state:
             assert tr.events, f"silent transition {self.state} -> {tr.state}"
             if self.state is not None and self.state.candidate_revision == tr.state.candidate_revision:
@@ -132,10 +135,9 @@ class Sim:
             # or take the next single step; they never repeat the transition just made.
             nxt = rollout.advance(tr.state, **kwargs)
             assert len(nxt.events) <= 1
-            if not self.allow_repeated_events:
-                assert not set(nxt.events) & set(tr.events), f"transition repeated: {tr.events}"
+            assert not set(nxt.events) & set(tr.events), f"transition repeated: {tr.events}"
             self.changes.append((self.elapsed, tr))
-        elif not self.allow_repeated_events:
+        else:  # a call that keeps the state posts nothing (the reconciler would post it on every reconcile)
             assert not tr.events, f"events without a transition (posted on every reconcile): {tr.events}"
         self.state = tr.state
         return tr
@@ -551,12 +553,14 @@ def test_paused_stays_paused_then_resumes() -> None:
     sim.run(2, lambda s: s.step_ready_at is not None)
     tr = sim.call(2, Commands(paused=True))
     assert tr.state.state == PAUSED and tr.state.reason == "spec.paused"
+    assert tr.state.pause_reason == SPEC_PAUSED
     paused = sim.state
     sim.wait(2, 3600, commands=Commands(paused=True))  # far past pause duration and progress deadline
     assert sim.state == paused
     assert sim.plan() == {1: 4, 2: 1}  # pods stay where they were
     tr = sim.call(2)
     assert tr.state.state == PROGRESSING and tr.events[0][1] == "Resumed"
+    assert tr.state.pause_reason is None and tr.state.reason is None
     sim.run(2, is_idle_at(2))
 
 
@@ -564,6 +568,7 @@ def test_indefinite_pause_waits_for_resume() -> None:
     sim = serving_v1(Sim(steps=make_steps((10, ""), 100)))
     sim.run(2, state_is(PAUSED))
     assert sim.state is not None and sim.state.reason == "waiting for promote"
+    assert sim.state.pause_reason == WAITING_FOR_PROMOTE
     paused = sim.state
     sim.wait(2, 7200)
     assert sim.state == paused
@@ -622,6 +627,7 @@ def test_blue_green_manual_promotion() -> None:
     sim = serving_v1(Sim(strategy=BLUE_GREEN, auto_promote=False))
     sim.run(2, state_is(PAUSED))
     assert sim.state is not None and sim.state.weight == 0
+    assert sim.state.pause_reason == WAITING_FOR_PROMOTE and sim.state.reason == "waiting for promote"
     sim.wait(2, 3600)
     assert sim.state.state == PAUSED
     assert sim.call(2, Commands(promote=True)).state.state == PROMOTING
@@ -647,11 +653,11 @@ def test_rolling_goes_straight_to_promoting() -> None:
 
 def test_auto_rollback_off_pauses_instead() -> None:
     sim = serving_v1(Sim(auto_rollback=False, deadline=60))
-    sim.allow_repeated_events = True  # see test_auto_rollback_off_failure_is_reported_once
     sim.never_ready.add(2)
     sim.run(2, state_is(PAUSED))
     assert sim.state is not None and sim.state.reason is not None
     assert sim.state.reason.startswith("Failed: ProgressDeadlineExceeded")
+    assert sim.state.pause_reason == CANDIDATE_FAILED
     assert sim.changes[-1][1].events[0][:2] == ("Warning", "RolloutFailed")
     assert sim.plan() == {1: 4, 2: 1}  # nothing reverted: the user decides
     for _ in range(20):
@@ -663,11 +669,11 @@ def test_auto_rollback_off_pauses_instead() -> None:
 
 def test_auto_rollback_off_crashloop_pauses() -> None:
     sim = serving_v1(Sim(auto_rollback=False))
-    sim.allow_repeated_events = True  # see test_auto_rollback_off_failure_is_reported_once
     sim.failing[2] = "CrashLoopBackOff: boom"
     sim.call(2)
     tr = sim.call(2)
     assert tr.state.state == PAUSED and "CrashLoopBackOff" in (tr.state.reason or "")
+    assert tr.state.pause_reason == CANDIDATE_FAILED
     assert not tr.outcomes
     assert sim.plan() == {1: 4, 2: 1}
 
@@ -675,7 +681,6 @@ def test_auto_rollback_off_crashloop_pauses() -> None:
 @pytest.mark.parametrize("failure", ["crashloop", "never-ready"])
 def test_auto_rollback_off_failure_is_reported_once(failure: str) -> None:
     sim = serving_v1(Sim(auto_rollback=False, deadline=60))
-    sim.allow_repeated_events = True
     if failure == "crashloop":
         sim.failing[2] = "CrashLoopBackOff: boom"
     else:
@@ -692,10 +697,10 @@ def test_auto_rollback_off_failure_is_reported_once(failure: str) -> None:
 
 def test_auto_rollback_off_analysis_failure_stays_paused() -> None:
     sim = serving_v1(Sim(auto_rollback=False))
-    sim.allow_repeated_events = True  # see test_auto_rollback_off_failure_is_reported_once
     sim.call(2)
     tr = sim.call(2, verdict="Fail", reason="error rate 0.5")
-    assert tr.state.state == PAUSED
+    assert tr.state.state == PAUSED and tr.state.pause_reason == CANDIDATE_FAILED
+    assert tr.state.reason == "Failed: analysis failed: error rate 0.5 (autoRollback is off)"
     sim.wait(2, 600)  # analysis is not run for a Paused rollout: no verdict
     assert sim.state is not None and sim.state.state == PAUSED
     assert sim.state.weight == 20
@@ -780,3 +785,138 @@ def test_state_survives_a_status_round_trip_mid_rollout() -> None:
     assert api.RolloutState.model_validate(stored) == sim.state
     sim.state = api.RolloutState.model_validate(stored)
     sim.run(2, is_idle_at(2))
+
+
+def test_a_paused_state_survives_a_status_round_trip_with_its_pause_reason() -> None:
+    sim = serving_v1(Sim(steps=make_steps((10, ""), 100)))
+    sim.run(2, state_is(PAUSED))
+    assert sim.state is not None
+    stored = sim.state.model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert stored["state"] == "Paused" and stored["pauseReason"] == "WaitingForPromote"
+    assert api.RolloutState.model_validate(stored) == sim.state
+
+
+# --------------------------------------------------------------------------- pause reasons
+
+
+def test_auto_rollback_off_failures_resume_or_promote_and_leave_the_pause() -> None:
+    sim = serving_v1(Sim(auto_rollback=False))
+    sim.failing[2] = "CrashLoopBackOff: boom"
+    sim.run(2, state_is(PAUSED))
+    assert sim.state is not None and sim.state.pause_reason == CANDIDATE_FAILED
+    failed = sim.state
+    tr = sim.call(2, Commands(resume=True))
+    assert (tr.state.state, tr.state.pause_reason, tr.events[0][1]) == (PROGRESSING, None, "Resumed")
+    sim.state = failed
+    tr = sim.call(2, Commands(promote=True))
+    assert (tr.state.state, tr.state.pause_reason, tr.state.reason) == (PROMOTING, None, "promoted by user")
+    assert tr.events == [("Normal", "PromoteRequested", "revision 2: promoted by user")]
+
+
+def test_spec_paused_does_not_replace_a_pause_that_waits_for_promote() -> None:
+    sim = serving_v1(Sim(steps=make_steps((10, ""), 100)))
+    sim.run(2, state_is(PAUSED))
+    waiting = sim.state
+    assert sim.call(2, Commands(paused=True)).state == waiting
+    assert sim.call(2).state == waiting  # spec.paused cleared: it did not pause, so nothing resumes
+
+
+def test_a_failure_while_paused_by_spec_becomes_a_failed_pause() -> None:
+    sim = serving_v1(Sim(auto_rollback=False))
+    sim.run(2, lambda s: s.step_ready_at is not None)
+    sim.call(2, Commands(paused=True))
+    sim.failing[2] = "CrashLoopBackOff: boom"
+    tr = sim.call(2, Commands(paused=True))
+    assert (tr.state.state, tr.state.pause_reason) == (PAUSED, CANDIDATE_FAILED)
+    assert sim.call(2).state == tr.state  # spec.paused cleared: still failed, the user decides
+
+
+# --------------------------------------------------------------------------- statuses of the older operator
+
+#: status.rollout as the operator before pauseReason wrote it, for each kind of pause.
+OLD_PAUSES = {
+    CANDIDATE_FAILED: "Failed: CrashLoopBackOff: boom (autoRollback is off)",
+    SPEC_PAUSED: "spec.paused",
+    WAITING_FOR_PROMOTE: "waiting for promote",
+}
+
+
+def old_paused(reason: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "state": "Paused",
+        "stableRevision": 1,
+        "candidateRevision": 2,
+        "step": 0,
+        "weight": 10,
+        "startedAt": "2025-01-01T11:58:00Z",
+        "stepStartedAt": "2025-01-01T11:58:00Z",
+        "stepReadyAt": "2025-01-01T11:59:00Z",
+        "reason": reason,
+        **fields,
+    }
+
+
+@pytest.mark.parametrize("expected", list(OLD_PAUSES))
+def test_a_pause_written_by_the_older_operator_reads_as_its_pause_reason(expected: api.PauseReason) -> None:
+    old = old_paused(OLD_PAUSES[expected])
+    state = api.RolloutState.model_validate(old)
+    assert state.pause_reason == expected and state.reason == old["reason"]
+    status = api.ModelDeploymentStatus.model_validate({"rollout": old})
+    assert status.rollout is not None and status.rollout.pause_reason == expected
+
+
+def test_only_a_pause_without_a_pause_reason_is_migrated() -> None:
+    written_now = old_paused("spec.paused", pauseReason="WaitingForPromote")
+    assert api.RolloutState.model_validate(written_now).pause_reason == WAITING_FOR_PROMOTE
+    by_field_name = api.RolloutState(state=PAUSED, reason="spec.paused", pause_reason=CANDIDATE_FAILED)
+    assert by_field_name.pause_reason == CANDIDATE_FAILED
+    assert api.RolloutState.model_validate(old_paused("hand-written")).pause_reason is None
+    not_paused = {**old_paused("spec.paused"), "state": "Progressing"}
+    assert api.RolloutState.model_validate(not_paused).pause_reason is None
+
+
+def advance_old(
+    old: dict[str, Any], commands: Commands = NO_COMMANDS, steps: list[api.CanaryStep] | None = None
+) -> Transition:
+    """One call on a status the older operator wrote, its candidate's pods ready (canary at 10 %)."""
+    return rollout.advance(
+        api.RolloutState.model_validate(old),
+        target=2,
+        strategy=CANARY,
+        steps=steps or make_steps((10, ""), 100),
+        obs={1: RevisionObservation(4, 4, 4), 2: RevisionObservation(1, 1, 1)},
+        total=4,
+        now=T0,
+        progress_deadline=600.0,
+        auto_rollback=False,
+        commands=commands,
+    )
+
+
+def test_an_old_failed_pause_still_holds_until_the_user_decides() -> None:
+    old = old_paused(OLD_PAUSES[CANDIDATE_FAILED])
+    held = advance_old(old)
+    assert held.state == api.RolloutState.model_validate(old) and not held.events
+    resumed = advance_old(old, Commands(resume=True))
+    assert (resumed.state.state, resumed.state.pause_reason, resumed.events[0][1]) == (
+        PROGRESSING,
+        None,
+        "Resumed",
+    )
+    promoted = advance_old(old, Commands(promote=True))
+    assert (promoted.state.state, promoted.events[0][1]) == (PROMOTING, "PromoteRequested")
+
+
+def test_an_old_spec_pause_resumes_once_spec_paused_is_cleared() -> None:
+    old = old_paused(OLD_PAUSES[SPEC_PAUSED])
+    assert advance_old(old, Commands(paused=True)).events == []
+    tr = advance_old(old)
+    assert (tr.state.state, tr.state.pause_reason, tr.state.reason) == (PROGRESSING, None, None)
+    assert tr.events == [("Normal", "Resumed", "rollout of revision 2 resumed")]
+
+
+def test_an_old_wait_for_promote_continues_on_resume() -> None:
+    old = old_paused(OLD_PAUSES[WAITING_FOR_PROMOTE])
+    assert advance_old(old).events == []
+    tr = advance_old(old, Commands(resume=True))
+    assert (tr.state.state, tr.state.pause_reason, tr.state.weight) == (PROMOTING, None, 100)

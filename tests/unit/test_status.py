@@ -105,7 +105,10 @@ def phase(
         (st(rollout.PROMOTING, candidate_revision=1), {"ready": 0, "spec_error": "bad"}, "Failed"),
         (st(rollout.PROGRESSING, stable_revision=1, candidate_revision=2, weight=20), {}, "Progressing"),
         (st(rollout.PROMOTING, stable_revision=1, candidate_revision=2, weight=100), {}, "Progressing"),
-        (st(rollout.PAUSED, stable_revision=1, candidate_revision=2, reason="spec.paused"), {}, "Paused"),
+        *(
+            (st(rollout.PAUSED, stable_revision=1, candidate_revision=2, pause_reason=why), {}, "Paused")
+            for why in api.PauseReason
+        ),
         (st(rollout.ROLLED_BACK, stable_revision=1, candidate_revision=2, reason="boom"), {}, "RolledBack"),
         (
             st(rollout.ABORTED, stable_revision=1, candidate_revision=2, reason="aborted by user"),
