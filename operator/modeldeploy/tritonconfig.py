@@ -78,69 +78,82 @@ def render_config_pbtxt(model_name: str, model: api.ModelSpec) -> str:
     with w.block("version_policy"), w.block("specific"):
         w.scalar_list("versions", [model.version])
 
-    if config.inputs:
-        with w.list_block("input"):
-            for i, tensor in enumerate(config.inputs):
-                with w.list_item(last=i == len(config.inputs) - 1):
-                    _tensor(w, tensor)
-    if config.outputs:
-        with w.list_block("output"):
-            for i, tensor in enumerate(config.outputs):
-                with w.list_item(last=i == len(config.outputs) - 1):
-                    _tensor(w, tensor)
-
-    if config.dynamic_batching is not None:
-        db = config.dynamic_batching
-        with w.block("dynamic_batching"):
-            if db.preferred_batch_sizes:
-                w.scalar_list("preferred_batch_size", db.preferred_batch_sizes)
-            if db.max_queue_delay_microseconds is not None:
-                w.scalar("max_queue_delay_microseconds", str(db.max_queue_delay_microseconds))
-
-    if config.instance_groups:
-        with w.list_block("instance_group"):
-            for i, group in enumerate(config.instance_groups):
-                with w.list_item(last=i == len(config.instance_groups) - 1):
-                    w.scalar("kind", group.kind)
-                    w.scalar("count", str(group.count))
-                    if group.gpus:
-                        w.scalar_list("gpus", group.gpus)
-
-    opt = config.optimization
-    if opt is not None and (opt.tensorrt is not None or opt.cuda_graphs is not None):
-        with w.block("optimization"):
-            if opt.cuda_graphs is not None:
-                with w.block("cuda"):
-                    w.scalar("graphs", "true" if opt.cuda_graphs else "false")
-            if opt.tensorrt is not None:
-                trt_params: dict[str, str] = {"precision_mode": opt.tensorrt.precision}
-                if opt.tensorrt.max_workspace_size_bytes is not None:
-                    trt_params["max_workspace_size_bytes"] = str(opt.tensorrt.max_workspace_size_bytes)
-                with (
-                    w.block("execution_accelerators"),
-                    w.list_block("gpu_execution_accelerator"),
-                    w.list_item(last=True),
-                ):
-                    w.scalar("name", _quote("tensorrt"))
-                    w.string_map("parameters", trt_params)
-
-    if config.parameters:
-        for key in sorted(config.parameters):
-            with w.block("parameters"):
-                w.scalar("key", _quote(key))
-                with w.block("value"):
-                    w.scalar("string_value", _quote(config.parameters[key]))
-
-    if config.ensemble_steps:
-        with w.block("ensemble_scheduling"), w.list_block("step"):
-            for i, step in enumerate(config.ensemble_steps):
-                with w.list_item(last=i == len(config.ensemble_steps) - 1):
-                    w.scalar("model_name", _quote(step.model_name))
-                    w.scalar("model_version", str(step.model_version))
-                    w.string_map("input_map", step.input_map)
-                    w.string_map("output_map", step.output_map)
-
+    for write in (_tensors, _dynamic_batching, _instance_groups, _optimization, _parameters, _ensemble):
+        write(w, config)
     return "".join(out)
+
+
+def _tensors(w: _Writer, config: api.ModelConfig) -> None:
+    for key, tensors in (("input", config.inputs), ("output", config.outputs)):
+        if tensors:
+            with w.list_block(key):
+                for i, tensor in enumerate(tensors):
+                    with w.list_item(last=i == len(tensors) - 1):
+                        _tensor(w, tensor)
+
+
+def _dynamic_batching(w: _Writer, config: api.ModelConfig) -> None:
+    db = config.dynamic_batching
+    if db is None:
+        return
+    with w.block("dynamic_batching"):
+        if db.preferred_batch_sizes:
+            w.scalar_list("preferred_batch_size", db.preferred_batch_sizes)
+        if db.max_queue_delay_microseconds is not None:
+            w.scalar("max_queue_delay_microseconds", str(db.max_queue_delay_microseconds))
+
+
+def _instance_groups(w: _Writer, config: api.ModelConfig) -> None:
+    if not config.instance_groups:
+        return
+    with w.list_block("instance_group"):
+        for i, group in enumerate(config.instance_groups):
+            with w.list_item(last=i == len(config.instance_groups) - 1):
+                w.scalar("kind", group.kind)
+                w.scalar("count", str(group.count))
+                if group.gpus:
+                    w.scalar_list("gpus", group.gpus)
+
+
+def _optimization(w: _Writer, config: api.ModelConfig) -> None:
+    opt = config.optimization
+    if opt is None or (opt.tensorrt is None and opt.cuda_graphs is None):
+        return
+    with w.block("optimization"):
+        if opt.cuda_graphs is not None:
+            with w.block("cuda"):
+                w.scalar("graphs", "true" if opt.cuda_graphs else "false")
+        if opt.tensorrt is not None:
+            trt_params: dict[str, str] = {"precision_mode": opt.tensorrt.precision}
+            if opt.tensorrt.max_workspace_size_bytes is not None:
+                trt_params["max_workspace_size_bytes"] = str(opt.tensorrt.max_workspace_size_bytes)
+            with (
+                w.block("execution_accelerators"),
+                w.list_block("gpu_execution_accelerator"),
+                w.list_item(last=True),
+            ):
+                w.scalar("name", _quote("tensorrt"))
+                w.string_map("parameters", trt_params)
+
+
+def _parameters(w: _Writer, config: api.ModelConfig) -> None:
+    for key in sorted(config.parameters or {}):
+        with w.block("parameters"):
+            w.scalar("key", _quote(key))
+            with w.block("value"):
+                w.scalar("string_value", _quote((config.parameters or {})[key]))
+
+
+def _ensemble(w: _Writer, config: api.ModelConfig) -> None:
+    if not config.ensemble_steps:
+        return
+    with w.block("ensemble_scheduling"), w.list_block("step"):
+        for i, step in enumerate(config.ensemble_steps):
+            with w.list_item(last=i == len(config.ensemble_steps) - 1):
+                w.scalar("model_name", _quote(step.model_name))
+                w.scalar("model_version", str(step.model_version))
+                w.string_map("input_map", step.input_map)
+                w.string_map("output_map", step.output_map)
 
 
 # --------------------------------------------------------------------------- checks
