@@ -733,11 +733,6 @@ class TritonAnalysis:
 
     # ---------------------------------------------------------------- windows
 
-    def forget(self, namespace: str, name: str) -> None:
-        """Drop the windows of a ModelDeployment (deleted, or its rollout ended)."""
-        for key in [k for k in self._windows if k[:2] == (namespace, name)]:
-            del self._windows[key]
-
     @staticmethod
     def seconds_left(win: Window, analysis: api.AnalysisSpec, now: float) -> float | None:
         """Time until ``win`` ends and the next measurement is due (None: never, the step failed)."""

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import pydantic
 
 from . import api, builders, revision, rollout, staging, status
+from .analysis import PENDING
+from .analysis_runner import verdict_for
 from .kube import ApiError, Kube, path_for
 
 log = logging.getLogger(__name__)
@@ -319,15 +321,19 @@ def observe_revision(
     )
 
 
-class AnalysisProvider(Protocol):
-    async def __call__(
+class AnalysisWindows(Protocol):
+    """The analysis windows, run out of the reconcile (:class:`.analysis_runner.AnalysisRunner`)."""
+
+    def ensure(
         self,
         md: dict[str, Any],
         spec: api.ModelDeploymentSpec,
         state: api.RolloutState,
-        stable: str,
-        candidate: str,
-    ) -> api.AnalysisResult | None: ...
+        stable_hash: str,
+        candidate_hash: str,
+    ) -> None: ...
+
+    def stop(self, namespace: str, name: str) -> None: ...
 
 
 # --------------------------------------------------------------------------- reconciler
@@ -351,7 +357,7 @@ class Reconciler:
         cache: Cache,
         *,
         post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
-        analysis: AnalysisProvider | None = None,
+        analysis: AnalysisWindows | None = None,
         stager_image: str = builders.DEFAULT_STAGER_IMAGE,
         clock: Callable[[], datetime] = _now,
     ) -> None:
@@ -572,8 +578,9 @@ class Reconciler:
             fast_track=fast_track,
         )
 
-        # 5. Analysis gate for the candidate, once its pods are ready.
+        # 5. Analysis gate for the candidate, once its pods are ready: the verdict its windows persisted.
         verdict, verdict_reason = None, ""
+        analysed: tuple[str, str] | None = None  # (stable hash, candidate hash) while the gate holds
         if (
             state is not None
             and state.candidate_revision is not None
@@ -586,16 +593,10 @@ class Reconciler:
             cobs = obs.get(state.candidate_revision, rollout.RevisionObservation())
             want = rollout.replicas_for(state, strategy, total).get(state.candidate_revision, 0)
             if cobs.ready >= want > 0:
-                result = await self.analysis(
-                    md,
-                    spec,
-                    state,
-                    by_number[state.stable_revision].hash,
-                    by_number[state.candidate_revision].hash,
-                )
-                if result is not None:
-                    new_status.last_analysis = result
-                    verdict, verdict_reason = result.verdict, result.reason
+                analysed = (by_number[state.stable_revision].hash, by_number[state.candidate_revision].hash)
+                result = verdict_for(old_status.last_analysis, state, analysed[1])
+                verdict = result.verdict if result is not None else PENDING
+                verdict_reason = result.reason if result is not None else "the first window has not started"
 
         # 6. One step of the state machine.
         auto_promote = spec.rollout.blue_green.auto_promote if spec.rollout.blue_green else True
@@ -683,6 +684,11 @@ class Reconciler:
             self._remember_own_write(written)
         for ev in events:
             await self.post_event(md, *ev)
+        if self.analysis is not None:
+            if analysed is not None and state is not None and _same_window(state, new_state):
+                self.analysis.ensure(md, spec, state, *analysed)
+            else:
+                self.analysis.stop(ns, name)
 
         # 8. Children derived from the persisted state.
         rejected = await self._apply_children(owner, spec, new_state, by_number, total, refused)
@@ -1063,6 +1069,16 @@ def _dump(st: api.ModelDeploymentStatus) -> dict[str, Any]:
 
 #: Status fields derived from one observation of the pods: they always travel together.
 SUMMARY_FIELDS = ("phase", "message", "ready", "readyReplicas", "replicas", "conditions")
+
+
+def _same_window(old: api.RolloutState, new: api.RolloutState) -> bool:
+    """The transition left the rollout analysing the same candidate at the same step of the same attempt."""
+    return (new.state, new.candidate_revision, new.step, new.started_at) == (
+        old.state,
+        old.candidate_revision,
+        old.step,
+        old.started_at,
+    )
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -528,3 +528,85 @@ def test_window_start_is_persisted_to_the_millisecond(unit: str) -> None:
         runner.stop_all()
 
     run(scenario)
+
+
+# --------------------------------------------------------------------------- the reconcile's side
+
+
+class Directions:
+    """Stands in for the runner: records what the reconcile asks of the windows."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def ensure(
+        self,
+        md: dict[str, Any],
+        spec: api.ModelDeploymentSpec,
+        state: api.RolloutState,
+        stable_hash: str,
+        candidate_hash: str,
+    ) -> None:
+        self.calls.append(("ensure", state.step, stable_hash, candidate_hash))
+
+    def stop(self, namespace: str, name: str) -> None:
+        self.calls.append(("stop", namespace, name))
+
+
+def test_the_reconcile_reads_the_persisted_verdict_and_never_writes_it() -> None:
+    from test_hostile_input import VALID_BASE, World  # the reconciler over an in-memory API server
+
+    analysis = {"scrape": True, "interval": "30s"}
+    steps = [{"weight": 25}, {"weight": 50}, {"weight": 100}]
+    rollout_spec = {"strategy": "Canary", "steps": steps, "analysis": analysis}
+    world = World({**VALID_BASE, "rollout": rollout_spec})
+    directions = Directions()
+    world.reconciler.analysis = directions
+    patches: list[dict[str, Any]] = []
+    patch_status = world.kube.patch_status
+
+    async def recorded(kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        patches.append(status)
+        return await patch_status(kind, namespace, name, status)
+
+    world.kube.patch_status = recorded  # type: ignore[method-assign]
+
+    def persist(verdict: str, step: int) -> dict[str, Any]:
+        """What the runner writes (its patch, then the object into the cache)."""
+        st = world.status()
+        la = result(
+            verdict=verdict, reason=f"{verdict} (test)", candidate_hash=cand, step=step, attempt=attempt
+        ).model_dump(by_alias=True, mode="json", exclude_none=True)
+        world.md()["status"] = {**st, "lastAnalysis": la}
+        world.md()["metadata"]["resourceVersion"] = world.kube._next_rv()
+        world.cache.put(copy.deepcopy(world.md()))
+        return la
+
+    world.reconcile(4)
+    assert world.status()["phase"] == "Ready"
+    assert {c[0] for c in directions.calls} == {"stop"}  # no rollout: no window
+
+    world.set_spec({**VALID_BASE, "model": {**VALID_BASE["model"], "version": 2}, "rollout": rollout_spec})
+    world.reconcile(4)
+    ro = world.status()["rollout"]
+    by_rev = {r["revision"]: r["hash"] for r in world.status()["history"]}
+    stable, cand, attempt = by_rev[1], by_rev[2], ro["startedAt"]
+    assert (ro["state"], ro["step"]) == ("Progressing", 0)  # no verdict yet: Pending holds the step
+    assert directions.calls[-1] == ("ensure", 0, stable, cand)
+
+    persisted = persist("Pass", 0)
+    world.reconcile(4)
+    ro = world.status()["rollout"]
+    assert (ro["state"], ro["step"]) == ("Progressing", 1)  # passed step 0; step 0's Pass is no verdict for 1
+    assert ("stop", "ns", "md") in directions.calls[-4:]  # the step changed: step 0's window ends
+    assert directions.calls[-1] == ("ensure", 1, stable, cand)
+    assert world.status()["lastAnalysis"] == persisted  # left as the runner wrote it
+
+    persist("Fail", 1)
+    world.reconcile(2)
+    st = world.status()
+    assert (
+        st["rollout"]["state"] == "RolledBack" and st["rollout"]["reason"] == "analysis failed: Fail (test)"
+    )
+    assert directions.calls[-1] == ("stop", "ns", "md")
+    assert patches and not [p for p in patches if "lastAnalysis" in p]  # the runner is its only writer
