@@ -38,6 +38,9 @@ Enqueue = Callable[[str, str], None]
 Sleep = Callable[[float], Awaitable[None]]
 #: What a window belongs to: candidate revision hash, canary step, attempt (rollout.startedAt).
 Identity = tuple[str, int, str | None]
+#: No window is shorter (a 0s interval would write status in a loop; the reconcile-driven windows
+#: before the runner were bounded by the reconcile's 1 s requeue the same way).
+MIN_WINDOW_SECONDS = 1.0
 
 
 def verdict_for(
@@ -251,9 +254,11 @@ class AnalysisRunner:
             if analysis is None:
                 return
             if win is not None:
-                left = ta.seconds_left(win, analysis, ta.clock())
+                now = ta.clock()
+                left = ta.seconds_left(win, analysis, now)
                 if left is None:
                     return  # Fail is final for the step
+                left = max(left, win.started + MIN_WINDOW_SECONDS - now)
                 if left > 0:
                     await self._sleep(left)
                     continue  # the interval may have changed meanwhile
@@ -263,7 +268,7 @@ class AnalysisRunner:
                 )
             except Exception:  # a bug, not missing metrics (those are Inconclusive): keep the window
                 log.exception("analysis of %s/%s: measuring failed; trying again in an interval", ns, name)
-                await self._sleep(api.parse_duration(analysis.interval))
+                await self._sleep(max(api.parse_duration(analysis.interval), MIN_WINDOW_SECONDS))
                 continue
             result = self._stamped(win, job, ns, analysis)
             if not await self._write(ns, name, written, result):

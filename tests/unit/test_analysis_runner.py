@@ -515,6 +515,21 @@ def test_a_failed_write_is_retried_and_a_deleted_object_ends_the_task() -> None:
     run(scenario)
 
 
+def test_a_zero_interval_still_waits_a_second_between_windows() -> None:
+    async def scenario() -> None:
+        time, store = FakeTime(), Store()
+        runner = make_runner(Source(time), time, store)
+        ensure(runner, store, mdspec(interval="0s"))
+        assert (await store.next_write()).verdict == "Pending"
+        await store.no_write()
+        assert time.sleeps == [1.0]  # not a loop of status writes
+        await time.advance(1)
+        assert (await store.next_write()).verdict == "Inconclusive"
+        runner.stop_all()
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("unit", ["ms", "s"])
 def test_window_start_is_persisted_to_the_millisecond(unit: str) -> None:
     async def scenario() -> None:
