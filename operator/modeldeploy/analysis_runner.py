@@ -113,6 +113,7 @@ class _Job:
     state: api.RolloutState
     stable: str
     task: asyncio.Task[None] | None = None
+    written: api.AnalysisResult | None = None  # its last result in status
 
 
 class AnalysisRunner:
@@ -137,7 +138,7 @@ class AnalysisRunner:
         self._sleep = sleep
         self._retry_seconds = retry_seconds
         self._jobs: dict[tuple[str, str], _Job] = {}
-        self._ending: dict[tuple[str, str], asyncio.Task[None]] = {}  # stopped, maybe still writing
+        self._ending: dict[tuple[str, str], _Job] = {}  # stopped, its task maybe still writing
 
     # ---------------------------------------------------------------- API of the reconcile
 
@@ -164,9 +165,9 @@ class AnalysisRunner:
         if job is not None and job.identity == identity:
             job.md, job.spec, job.stable = md, spec, stable_hash
             return
-        previous = job.task if job is not None else self._ending.pop(key, None)
-        if previous is not None:
-            previous.cancel()
+        previous = job if job is not None else self._ending.pop(key, None)
+        if previous is not None and previous.task is not None:
+            previous.task.cancel()
         job = _Job(identity, md, spec, state, stable_hash)
         job.task = asyncio.create_task(self._run(key, job, previous), name=f"analysis {key[0]}/{key[1]}")
         job.task.add_done_callback(self._finished)
@@ -177,7 +178,7 @@ class AnalysisRunner:
         job = self._jobs.pop((namespace, name), None)
         if job is not None and job.task is not None and not job.task.done():
             job.task.cancel()
-            self._ending[(namespace, name)] = job.task  # a later task waits for its last write
+            self._ending[(namespace, name)] = job  # a later task waits for its last write
 
     def stop_all(self) -> None:
         """Stop every window (leadership lost, shutdown): another process may be writing them next."""
@@ -188,7 +189,7 @@ class AnalysisRunner:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         for key, ending in list(self._ending.items()):
-            if ending is task:
+            if ending.task is task:
                 del self._ending[key]
         if not task.cancelled() and task.exception() is not None:
             log.error("%s ended by an error", task.get_name(), exc_info=task.exception())
@@ -242,12 +243,13 @@ class AnalysisRunner:
             }
         )
 
-    async def _run(self, key: tuple[str, str], job: _Job, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.gather(previous, return_exceptions=True)  # its last write lands before ours
+    async def _run(self, key: tuple[str, str], job: _Job, previous: _Job | None) -> None:
+        if previous is not None and previous.task is not None:
+            await asyncio.gather(previous.task, return_exceptions=True)  # its last write lands before ours
         ns, name = key
         ta = self.analysis
-        written = _last_analysis(job.md)
+        # What status shows: the previous task's last write is newer than an md read before it landed.
+        written = previous.written if previous is not None and previous.written else _last_analysis(job.md)
         win = self._resumed(job, written)
         while True:
             analysis = job.spec.rollout.analysis
@@ -273,7 +275,7 @@ class AnalysisRunner:
             result = self._stamped(win, job, ns, analysis)
             if not await self._write(ns, name, written, result):
                 return
-            written = result
+            written = job.written = result
             self._enqueue(ns, name)
 
     async def _write(

@@ -438,7 +438,9 @@ def test_a_failed_step_stays_failed_across_a_restart() -> None:
 
 
 def task_of_stopped(runner: AnalysisRunner) -> asyncio.Task[None]:
-    return runner._ending[("ns", "m")]
+    task = runner._ending[("ns", "m")].task
+    assert task is not None
+    return task
 
 
 def test_ensure_is_idempotent_and_a_new_step_replaces_the_window() -> None:
@@ -460,6 +462,26 @@ def test_ensure_is_idempotent_and_a_new_step_replaces_the_window() -> None:
         assert first.cancelled()
         assert (res.verdict, res.step) == ("Pending", 1) and res.reason.startswith("window started")
         assert verdict_for(store.last(), STATE, "cand") is None  # step 0 reads no verdict from it
+        runner.stop_all()
+
+    run(scenario)
+
+
+def test_a_replacing_window_clears_what_the_last_write_showed_though_md_was_read_before_it() -> None:
+    async def scenario() -> None:
+        time, store = FakeTime(), Store()
+        source = Source(time)
+        runner = make_runner(source, time, store)
+        ensure(runner, store, mdspec())
+        await store.next_write()
+        stale = store.md()  # read by a reconcile before the next write landed
+        source.counters = {"2": Counters(50, 0), "1": Counters(50, 0)}
+        await time.advance(30)
+        assert (await store.next_write()).values["stableRequests"] == 50
+        runner.ensure(stale, mdspec(), STATE.model_copy(update={"step": 1}), "stable", "cand")
+        res = await store.next_write()
+        assert (res.verdict, res.step) == ("Pending", 1)
+        assert store.status["lastAnalysis"]["values"] == {}  # nothing of step 0's Pass left
         runner.stop_all()
 
     run(scenario)
