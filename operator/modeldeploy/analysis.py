@@ -38,12 +38,12 @@ Three layers, each usable alone:
   ``modeldeploy_io_revision`` target label that Kubernetes service discovery relabelling
   produces; scraping: the pod set itself).
 
-* **The provider** the reconciler calls, :class:`TritonAnalysis`: it never blocks a
-  reconcile for a window. The first call of a step records the start snapshot and answers
-  ``Pending``; calls before ``analysis.interval`` has elapsed answer the last result again
-  (unchanged, so status is not rewritten); the first call after it takes the end snapshot,
-  judges, and starts the next window right away (analysis continues through a step's
-  pause, and a later failing window still fails the step).
+* **The windows**, :class:`TritonAnalysis`: the first measurement of a step records the start
+  snapshot and answers ``Pending``; one ``analysis.interval`` later the next takes the end
+  snapshot, judges, and starts the next window right away (analysis continues through a step's
+  pause, and a later failing window still fails the step). A ``Fail`` is final for the step. The
+  operator runs them on their own schedule, out of the reconcile, with
+  :class:`modeldeploy.analysis_runner.AnalysisRunner`, which persists each result in status.
 
 Relative-to-stable limits (``maxErrorRateVsStable``, ``maxLatencyVsStable``):
 
@@ -67,9 +67,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -452,6 +452,15 @@ class MetricSource(Protocol):
         ...
 
 
+@runtime_checkable
+class HistorySource(MetricSource, Protocol):
+    """A source that can also read the counters of a past moment (Prometheus)."""
+
+    async def snapshot_at(self, target: Target, at: float) -> Snapshot:
+        """The target's cumulative counters at ``at`` (unix seconds). Raises :class:`MetricsUnavailable`."""
+        ...
+
+
 def _promql_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -514,7 +523,11 @@ class PrometheusSource:
         return result
 
     async def snapshot(self, target: Target) -> Snapshot:
-        at = self.clock()
+        return await self.snapshot_at(target, self.clock())
+
+    async def snapshot_at(self, target: Target, at: float) -> Snapshot:
+        """The counters as Prometheus had them at ``at`` (unix seconds), e.g. a window's start
+        after an operator restart: Prometheus keeps the history, so nothing else is persisted."""
         result = await self.query(self.query_for(target), at)
         rows = []
         for item in result:
@@ -605,25 +618,44 @@ class ScrapeSource:
 PodsFor = Callable[[str, str], Sequence[str]]
 
 
-@dataclass
-class _Window:
-    started: float  # monotonic
+def canonical(snap: Snapshot) -> Snapshot:
+    """The same snapshot with each series key's labels in name order. A window's start read back from
+    status (where label maps come back sorted) then matches its end as the source reads it."""
+    return Snapshot(
+        at=snap.at, series={tuple(sorted(k)): v for k, v in snap.series.items()}, errors=snap.errors
+    )
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where the analysis of one step stands: the window in progress and the last result.
+
+    ``started`` is on the provider's clock; ``start_cand``/``start_stable`` are the counters read
+    then (None after an attempt that could not read any: the next attempt starts a new window).
+    ``from_source``: the start counters are not held but can be read from a :class:`HistorySource`
+    at ``started`` (a window resumed after a restart; needs a provider clock in unix seconds).
+    """
+
+    started: float
     start_cand: Snapshot | None
     start_stable: Snapshot | None
     inconclusive: int
     last: api.AnalysisResult
     attempt: str | None = None  # RolloutState.startedAt: the rollout this window belongs to
+    from_source: bool = False
 
 
 class TritonAnalysis:
-    """The analysis provider of the reconciler (``Reconciler(analysis=TritonAnalysis(...))``).
+    """Reads and judges a candidate's windows: metric sources, targets, and :meth:`measure`.
 
     Metric source per ModelDeployment: ``analysis.prometheusUrl`` -> Prometheus;
     ``analysis.scrape: true`` -> direct scraping of the revision's pods (``pods_for``);
     neither -> ``default_prometheus_url`` when the operator has one, else scraping.
 
-    Windows are kept in memory per (namespace, name, candidate hash, step). An operator
-    restart starts the current window again (nothing is lost but its elapsed time).
+    The operator drives :meth:`measure` from :class:`modeldeploy.analysis_runner.AnalysisRunner`,
+    on the windows' own schedule, with the windows persisted in status. Calling the provider
+    (``await ta(md, spec, state, stable, candidate)``) drives the same windows from the caller's
+    calls instead, kept in memory per (namespace, name, candidate hash, step).
     """
 
     def __init__(
@@ -648,7 +680,7 @@ class TritonAnalysis:
         self.timeout = timeout
         self.clock = clock
         self.wall_clock = wall_clock
-        self._windows: dict[tuple[str, str, str, int], _Window] = {}
+        self._windows: dict[tuple[str, str, str, int], Window] = {}
 
     # ---------------------------------------------------------------- sources
 
@@ -695,21 +727,14 @@ class TritonAnalysis:
             namespace=meta.get("namespace"),
         )
 
-    # ---------------------------------------------------------------- state
+    # ---------------------------------------------------------------- windows
 
-    def forget(self, namespace: str, name: str) -> None:
-        """Drop the windows of a ModelDeployment (deleted, or its rollout ended)."""
-        for key in [k for k in self._windows if k[:2] == (namespace, name)]:
-            del self._windows[key]
-
-    def seconds_left(
-        self, namespace: str, name: str, candidate: str, step: int, spec: api.ModelDeploymentSpec
-    ) -> float | None:
-        """Time until the current window of this step ends (None: no window); a requeue hint."""
-        win = self._windows.get((namespace, name, candidate, step))
-        if win is None or spec.rollout.analysis is None:
+    @staticmethod
+    def seconds_left(win: Window, analysis: api.AnalysisSpec, now: float) -> float | None:
+        """Time until ``win`` ends and the next measurement is due (None: never, the step failed)."""
+        if win.last.verdict == FAIL:
             return None
-        return max(0.0, api.parse_duration(spec.rollout.analysis.interval) - (self.clock() - win.started))
+        return max(0.0, win.started + api.parse_duration(analysis.interval) - now)
 
     def _result(
         self, verdict: str, reason: str, count: int, values: dict[str, float] | None = None
@@ -725,19 +750,27 @@ class TritonAnalysis:
         )
 
     async def _snapshots(
-        self, source: MetricSource, cand: Target, stable: Target | None
+        self, source: MetricSource, cand: Target, stable: Target | None, at: float | None = None
     ) -> tuple[Snapshot, Snapshot | None]:
+        """Both revisions' counters now, or at ``at`` (a :class:`HistorySource` only)."""
+
+        async def read(target: Target) -> Snapshot:
+            if at is None:
+                return await source.snapshot(target)
+            assert isinstance(source, HistorySource)
+            return await source.snapshot_at(target, at)
+
         if stable is None:
-            return await source.snapshot(cand), None
-        c, s = await asyncio.gather(source.snapshot(cand), source.snapshot(stable), return_exceptions=True)
+            return canonical(await read(cand)), None
+        c, s = await asyncio.gather(read(cand), read(stable), return_exceptions=True)
         if isinstance(c, BaseException):
             raise c
         if isinstance(s, MetricsUnavailable):
             log.info("stable metrics unavailable: %s", s)
-            return c, None
+            return canonical(c), None
         if isinstance(s, BaseException):
             raise s
-        return c, s
+        return canonical(c), canonical(s)
 
     # ---------------------------------------------------------------- the call
 
@@ -749,6 +782,7 @@ class TritonAnalysis:
         stable: str,
         candidate: str,
     ) -> api.AnalysisResult | None:
+        """The current result of the step, measuring when a window is due (never waits for one)."""
         analysis = spec.rollout.analysis
         if analysis is None:
             return None
@@ -757,19 +791,37 @@ class TritonAnalysis:
         key = (ns, name, candidate, state.step)
         for other in [k for k in self._windows if k[:2] == (ns, name) and k != key]:
             del self._windows[other]  # an earlier step or candidate: done with
-        interval = api.parse_duration(analysis.interval)
         now = self.clock()
         win = self._windows.get(key)
         if win is not None and win.attempt != state.started_at:
             win = None  # an earlier rollout of this candidate (retried after a rollback): measure afresh
-        if win is not None and (win.last.verdict == FAIL or now - win.started < interval):
+        if win is not None and self.seconds_left(win, analysis, now) != 0.0:
             return win.last
+        win = await self.measure(md, spec, analysis, state, stable, candidate, win, now)
+        self._windows[key] = win
+        return win.last
 
+    async def measure(
+        self,
+        md: Mapping[str, Any],
+        spec: api.ModelDeploymentSpec,
+        analysis: api.AnalysisSpec,
+        state: api.RolloutState,
+        stable: str,
+        candidate: str,
+        win: Window | None,
+        now: float,
+    ) -> Window:
+        """End the window ``win`` at ``now`` and judge it (with no window: start the first one).
+
+        Returns the next window, which starts where this one ended, carrying the result. An attempt
+        that cannot read the counters counts as an inconclusive window; the next attempt, one
+        interval later, starts a new window.
+        """
         count = win.inconclusive if win is not None else 0
-        source = self.source_for(ns, analysis)
+        source = self.source_for(md["metadata"].get("namespace", ""), analysis)
         if source is None:
-            return self._store(
-                key,
+            return self._unmeasured(
                 now,
                 count + 1,
                 analysis,
@@ -781,14 +833,21 @@ class TritonAnalysis:
         if stable_t is not None and stable_t.version is None and not self.select_by_revision:
             stable_t = None  # neither its version nor its pods would single it out
         try:
+            if (
+                win is not None
+                and win.start_cand is None
+                and win.from_source
+                and isinstance(source, HistorySource)
+            ):
+                start_c, start_s = await self._snapshots(source, cand_t, stable_t, at=win.started)
+                win = replace(win, start_cand=start_c, start_stable=start_s)
             end_c, end_s = await self._snapshots(source, cand_t, stable_t)
         except MetricsUnavailable as exc:
-            return self._store(key, now, count + 1, analysis, f"metrics unavailable: {exc}", state.started_at)
+            return self._unmeasured(now, count + 1, analysis, f"metrics unavailable: {exc}", state.started_at)
 
         if win is None or win.start_cand is None:
             res = self._result(PENDING, f"window started: collecting {analysis.interval} of metrics", count)
-            self._windows[key] = _Window(now, end_c, end_s, count, res, state.started_at)
-            return res
+            return Window(now, end_c, end_s, count, res, state.started_at)
 
         cand_stats = window(win.start_cand, end_c)
         stable_stats = (
@@ -822,20 +881,13 @@ class TritonAnalysis:
             count = 0
             res = res.model_copy(update={"inconclusive_count": 0})
         # the next window starts where this one ended
-        self._windows[key] = _Window(now, end_c, end_s, count, res, state.started_at)
-        return res
+        return Window(now, end_c, end_s, count, res, state.started_at)
 
-    def _store(
-        self,
-        key: tuple[str, str, str, int],
-        now: float,
-        count: int,
-        analysis: api.AnalysisSpec,
-        reason: str,
-        attempt: str | None = None,
-    ) -> api.AnalysisResult:
-        """An attempt that could not measure counts as an inconclusive window; the next attempt
-        starts a fresh window one interval later."""
+    def _unmeasured(
+        self, now: float, count: int, analysis: api.AnalysisSpec, reason: str, attempt: str | None
+    ) -> Window:
+        """An attempt that could not measure: an inconclusive window (a failure past maxInconclusive)
+        and no start counters, so the next attempt, one interval later, starts a fresh window."""
         if count > analysis.max_inconclusive:
             res = self._result(
                 FAIL,
@@ -845,12 +897,12 @@ class TritonAnalysis:
             )
         else:
             res = self._result(INCONCLUSIVE, reason, count)
-        self._windows[key] = _Window(now, None, None, count, res, attempt)
-        return res
+        return Window(now, None, None, count, res, attempt)
 
 
 __all__ = [
     "Counters",
+    "HistorySource",
     "MetricSource",
     "MetricsUnavailable",
     "PrometheusSource",
@@ -858,7 +910,9 @@ __all__ = [
     "Snapshot",
     "Target",
     "TritonAnalysis",
+    "Window",
     "WindowStats",
+    "canonical",
     "evaluate",
     "metrics_url",
     "parse_exposition",

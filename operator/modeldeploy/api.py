@@ -836,14 +836,58 @@ class RevisionRecord(_Model):
     )
 
 
-class AnalysisResult(_Model):
-    """The last analysis verdict and the values it was based on."""
+class SeriesCounters(_Model):
+    """Cumulative Triton counters of one series (one pod's model version) at a window's start."""
 
-    verdict: str = Field(max_length=32, description="Pass, Fail or Inconclusive.")
+    labels: dict[str, str] = Field(description="What names the series: scraped URL, model, version.")
+    success: float = Field(default=0.0, description="nv_inference_request_success.")
+    failure: float = Field(default=0.0, description="nv_inference_request_failure, except reason CANCELED.")
+    inferences: float = Field(default=0.0, description="nv_inference_count.")
+    request_us: float = Field(default=0.0, description="nv_inference_request_duration_us.")
+    queue_us: float = Field(default=0.0, description="nv_inference_queue_duration_us.")
+
+
+class WindowCounters(_Model):
+    """The counters a window started from, per series, when the pods are scraped directly."""
+
+    candidate: list[SeriesCounters] = Field(default_factory=list, description="The candidate's series.")
+    stable: list[SeriesCounters] | None = Field(
+        default=None, description="The stable revision's series (unset: its metrics were unavailable)."
+    )
+
+
+class AnalysisResult(_Model):
+    """The last analysis verdict and the values it was based on. Written by the analysis windows,
+    which run on their own schedule; the reconcile reads it."""
+
+    verdict: str = Field(max_length=32, description="Pending, Pass, Fail or Inconclusive.")
     reason: str = Field(default="", max_length=1024, description="Which metric decided, and its value.")
     time: str = Field(description="When (RFC 3339).")
     values: dict[str, float] = Field(default_factory=dict, description="Metric name -> measured value.")
     inconclusive_count: int = Field(default=0, description="Consecutive inconclusive windows.")
+    candidate_hash: str | None = Field(
+        default=None, max_length=64, description="Revision hash of the candidate this result judges."
+    )
+    step: int | None = Field(default=None, description="The canary step (rollout.step) it belongs to.")
+    attempt: str | None = Field(
+        default=None,
+        description="The rollout it belongs to (rollout.startedAt): a retried candidate is measured afresh.",
+    )
+    window_start: str | None = Field(
+        default=None,
+        description=(
+            "When the window in progress began (RFC 3339, milliseconds); it ends one analysis.interval "
+            "later, also across an operator restart. Unset after an attempt that could not read metrics: "
+            "the next attempt, an interval after time, starts a new window."
+        ),
+    )
+    window_counters: WindowCounters | None = Field(
+        default=None,
+        description=(
+            "The counters the window in progress started from, when the pods are scraped directly "
+            "(with Prometheus, it is asked for them at windowStart)."
+        ),
+    )
 
 
 class RolloutPhase(StrEnum):

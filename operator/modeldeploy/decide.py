@@ -33,6 +33,8 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     children: list[dict[str, Any]] | None = None  # None: leave the children as they are
     requeue_after: float | None = None
+    #: The analysis windows of the candidate's current step go on (else they stop).
+    analyse: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def decide(obs: Observation, *, stager_image: str = builders.DEFAULT_STAGER_IMAG
     target = usable(spec) or find_target(obs, spec)
     if isinstance(target, Problem):
         return refuse(obs, target)
-    state = obs.old_status.rollout
+    state, verdict = obs.old_status.rollout, obs.verdict
     by_number = {r.revision: r for r in target.history}
     revs = {n: obs.revision(by_number.get(n), spec.rollout.strategy) for n in live_revisions(state)}
     total = obs.total(spec, state, revs)
@@ -74,8 +76,8 @@ def decide(obs: Observation, *, stager_image: str = builders.DEFAULT_STAGER_IMAG
         progress_deadline=float(spec.rollout.progress_deadline_seconds),
         auto_rollback=spec.rollout.auto_rollback,
         commands=commands(obs.annotations, spec, state, fast_track=target.fast_track),
-        analysis_verdict=obs.analysis.verdict if obs.analysis else None,
-        analysis_reason=obs.analysis.reason if obs.analysis else "",
+        analysis_verdict=verdict.verdict if verdict else None,
+        analysis_reason=verdict.reason if verdict else "",
         scale_down_delay=scale_down_delay(spec),
         auto_promote=spec.rollout.blue_green.auto_promote if spec.rollout.blue_green else True,
     )
@@ -97,7 +99,18 @@ def decide(obs: Observation, *, stager_image: str = builders.DEFAULT_STAGER_IMAG
         stager_image=stager_image,
         route_kinds={kind for kind, crd in builders.ROUTE_CRDS.items() if obs.exists.get(_crd_key(crd))},
     )
-    return Decision(new_status, events, children, tr.requeue_after)
+    analyse = verdict is not None and state is not None and same_window(state, tr.state)
+    return Decision(new_status, events, children, tr.requeue_after, analyse)
+
+
+def same_window(old: api.RolloutState, new: api.RolloutState) -> bool:
+    """The transition left the rollout analysing the same candidate at the same step of the same attempt."""
+    return (new.state, new.candidate_revision, new.step, new.started_at) == (
+        old.state,
+        old.candidate_revision,
+        old.step,
+        old.started_at,
+    )
 
 
 def _crd_key(name: str) -> tuple[str, str, str]:
@@ -330,9 +343,7 @@ def status_of(
     history: list[api.RevisionRecord],
 ) -> api.ModelDeploymentStatus:
     """The one status computation: phase, conditions and counts from the new state and the pods."""
-    st = obs.old_status.model_copy(deep=True)
-    if obs.analysis is not None:
-        st.last_analysis = obs.analysis
+    st = obs.old_status.model_copy(deep=True)  # lastAnalysis is the analysis windows' to write
     empty = rollout.RevisionObservation()
     stable_n, cand_n = state.stable_revision, state.candidate_revision
     stable_obs = revs.get(stable_n, empty) if stable_n else None

@@ -16,12 +16,14 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import kopf
 
 from . import api, builders, kopfpatch, metrics
 from .analysis import TritonAnalysis
+from .analysis_runner import AnalysisRunner
 from .cache import Cache
 from .kube import Kube
 from .leader import LeaderElector
@@ -53,7 +55,7 @@ class Operator:
         self.resync_seconds = float(os.environ.get("MODELDEPLOY_RESYNC_SECONDS", "60"))
         self.leader = True  # without leader election this process always acts
         self.election_task: asyncio.Task[None] | None = None
-        self.analysis: TritonAnalysis | None = None
+        self.analysis: AnalysisRunner | None = None
 
 
 OP = Operator()
@@ -114,6 +116,22 @@ def _pod_ips(namespace: str, revision_hash: str) -> list[str]:
     return ips
 
 
+async def _patch_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    """The analysis windows' status write; the object written goes into the cache at once, as the
+    reconcile's own writes do, so that no reconcile reads a verdict older than the one written."""
+    assert OP.kube is not None
+    written = await OP.kube.patch_status(api.KIND, namespace, name, patch)
+    if written.get("metadata"):
+        written.setdefault("kind", api.KIND)
+        OP.cache.put(written)
+    return written
+
+
+def _enqueue(namespace: str, name: str) -> None:
+    if OP.queue is not None:
+        OP.queue.add((namespace, name))
+
+
 async def _reconcile(namespace: str, name: str) -> None:
     assert OP.reconciler is not None and OP.queue is not None
     if not OP.leader:
@@ -160,8 +178,14 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if os.environ.get("MODELDEPLOY_DISABLE_CLUSTER_SCANNING", "").lower() in ("1", "true", "yes"):
         settings.scanning.disabled = True  # namespaced RBAC: no namespace listing, no CRD watch
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
-    OP.analysis = analysis = TritonAnalysis(
-        pods_for=_pod_ips, default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None
+    OP.analysis = analysis = AnalysisRunner(
+        TritonAnalysis(
+            pods_for=_pod_ips,
+            default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None,
+            clock=time.time,  # window starts are persisted: unix time
+        ),
+        patch_status=_patch_status,
+        enqueue=_enqueue,
     )
     OP.reconciler = Reconciler(
         OP.kube,
@@ -201,6 +225,8 @@ def _became_leader() -> None:
 
 def _lost_leadership() -> None:
     OP.leader = False
+    if OP.analysis is not None:
+        OP.analysis.stop_all()  # the next leader writes the windows (and resumes them from status)
     metrics.LEADER.set(0)
 
 
@@ -210,6 +236,8 @@ async def cleanup(**_: Any) -> None:
         OP.resync_task.cancel()
     if OP.election_task is not None:
         OP.election_task.cancel()
+    if OP.analysis is not None:
+        OP.analysis.stop_all()
     if OP.queue is not None:
         await OP.queue.stop()
     if OP.kube is not None:
@@ -225,7 +253,7 @@ async def modeldeployment_event(
         OP.cache.delete(api.KIND, namespace, name)
         metrics.forget(namespace, name)
         if OP.analysis is not None:
-            OP.analysis.forget(namespace, name)
+            OP.analysis.stop(namespace, name)
         return
     obj = dict(body)
     obj.setdefault("kind", api.KIND)

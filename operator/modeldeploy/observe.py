@@ -13,6 +13,9 @@ from datetime import datetime
 from typing import Any
 
 from . import api, builders, rollout
+from .analysis import PENDING
+from .analysis_runner import verdict_for
+from .timeutil import rfc3339
 
 # A container waiting for one of these will not start without a change to the spec or the node.
 _STUCK_WAITING = frozenset(
@@ -130,7 +133,20 @@ class Observation:
     refused: Refusals = field(default_factory=dict)
     #: Existence of objects the spec refers to (PVCs, Secrets, route CRDs): (kind, namespace, name) -> bool.
     exists: Mapping[tuple[str, str, str], bool] = field(default_factory=dict)
-    analysis: api.AnalysisResult | None = None  # the candidate's analysis verdict, when it has one
+    #: (stable hash, candidate hash) while the analysis gate holds (candidate's pods at this step ready).
+    analysed: tuple[str, str] | None = None
+
+    @property
+    def verdict(self) -> api.AnalysisResult | None:
+        """The analysis verdict the gate reads: what the candidate's windows persisted for this step of
+        this attempt, Pending until the first window ends; None while the gate does not hold."""
+        state = self.old_status.rollout
+        if self.analysed is None or state is None:
+            return None
+        result = verdict_for(self.old_status.last_analysis, state, self.analysed[1])
+        return result or api.AnalysisResult(
+            verdict=PENDING, reason="the first window has not started", time=rfc3339(self.now)
+        )
 
     @property
     def owner(self) -> builders.Owner:

@@ -42,15 +42,19 @@ EXISTS_TTL_SECONDS = 10.0
 _FIRST_KINDS = ("ConfigMap",)
 
 
-class AnalysisProvider(Protocol):
-    async def __call__(
+class AnalysisWindows(Protocol):
+    """The analysis windows, run out of the reconcile (:class:`.analysis_runner.AnalysisRunner`)."""
+
+    def ensure(
         self,
         md: dict[str, Any],
         spec: api.ModelDeploymentSpec,
         state: api.RolloutState,
-        stable: str,
-        candidate: str,
-    ) -> api.AnalysisResult | None: ...
+        stable_hash: str,
+        candidate_hash: str,
+    ) -> None: ...
+
+    def stop(self, namespace: str, name: str) -> None: ...
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Reconciler:
         cache: Cache,
         *,
         post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
-        analysis: AnalysisProvider | None = None,
+        analysis: AnalysisWindows | None = None,
         stager_image: str = builders.DEFAULT_STAGER_IMAGE,
         clock: Callable[[], datetime] = _now,
     ) -> None:
@@ -136,8 +140,7 @@ class Reconciler:
         if spec is None:
             return obs
         exists = {key: await self._exists(*key) for key in self._referenced(ns, spec, old_status)}
-        obs = replace(obs, exists=exists)
-        return replace(obs, analysis=await self._analysis(obs, spec))
+        return replace(obs, exists=exists, analysed=self._analysed(obs, spec))
 
     @staticmethod
     def _referenced(
@@ -161,8 +164,10 @@ class Reconciler:
         self._seen[key] = (time.monotonic(), exists)
         return exists
 
-    async def _analysis(self, obs: Observation, spec: api.ModelDeploymentSpec) -> api.AnalysisResult | None:
-        """The candidate's analysis verdict, once its pods at this step are ready."""
+    def _analysed(self, obs: Observation, spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
+        """(stable hash, candidate hash) while the analysis gate holds: the rollout progressing with
+        analysis (not fast-tracked by rollbackTo) and the candidate's pods at this step ready. The
+        verdict is what its windows persisted in status (:func:`.analysis_runner.verdict_for`)."""
         state = obs.old_status.rollout
         if (
             self.analysis is None
@@ -181,9 +186,7 @@ class Reconciler:
         strategy = spec.rollout.strategy
         revs = {n: obs.revision(by_number.get(n), strategy) for n in decide.live_revisions(state)}
         want = rollout.replicas_for(state, strategy, obs.total(spec, state, revs)).get(cand.revision, 0)
-        if not revs[cand.revision].ready >= want > 0:
-            return None
-        return await self.analysis(dict(obs.md), spec, state, stable.hash, cand.hash)
+        return (stable.hash, cand.hash) if revs[cand.revision].ready >= want > 0 else None
 
     async def _prime(self, namespace: str) -> None:
         """Fill the cache with the namespace's children once, before the first reconcile there:
@@ -210,6 +213,13 @@ class Reconciler:
         events = list(decision.events)
         for ev in events:
             await self.post_event(dict(obs.md), *ev)
+        if self.analysis is not None:
+            # Directed on the state just persisted: a window never writes after a rollback.
+            state = obs.old_status.rollout
+            if decision.analyse and obs.analysed and obs.spec and state:
+                self.analysis.ensure(dict(obs.md), obs.spec, state, *obs.analysed)
+            else:
+                self.analysis.stop(ns, name)
         if decision.children is None:
             return Outcome(requeue_after=decision.requeue_after, events=events)
         rejected = await self._apply_children(obs, decision.children)

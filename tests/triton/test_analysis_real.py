@@ -10,9 +10,10 @@ One tritonserver serves model ``canary`` in three versions, told apart by Triton
 * version 3: healthy but sleeps 200 ms per request.
 
 Traffic is a bounded loop of tritonclient HTTP requests on 127.0.0.1. Each verdict comes
-from :class:`modeldeploy.analysis.TritonAnalysis`, the provider the operator calls, once
-through Prometheus (Debian package, private process, 1 s scrape interval) and once by
-scraping the server's metrics port directly.
+from :class:`modeldeploy.analysis.TritonAnalysis` (the windows the operator's
+:class:`modeldeploy.analysis_runner.AnalysisRunner` runs), once through Prometheus (Debian
+package, private process, 1 s scrape interval) and once by scraping the server's metrics port
+directly; the last test runs the runner itself across a restart.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -394,3 +396,82 @@ def test_sources_agree_and_prometheus_selects_by_revision_label(
     windows = [window(s, e) for s, e in zip(start[:3], end[:3], strict=True)]
     assert [(w.requests, w.failures) for w in windows] == [(12, 3)] * 3
     assert windows[0].request_us == windows[1].request_us == windows[2].request_us
+
+
+# --------------------------------------------------------------------------- windows across a restart
+
+
+def _merged(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386, as the API server applies the runner's status merge patch."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            out[key] = _merged(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_window_resumed_after_a_restart_counts_from_its_persisted_start(stack: Stack, kind: str) -> None:
+    """The operator's window runner stops (a restart) a few seconds into a window, a new one takes
+    over from status: the window ends at its persisted start + interval, not an interval after the
+    restart, and counts the requests of the whole window (scraping: from the start counters kept in
+    status; Prometheus: asked for them at windowStart). Real clock, real server, real Prometheus."""
+    from modeldeploy.analysis_runner import AnalysisRunner
+
+    interval = 10.0
+    spec = spec_for(1, kind, stack, interval="10s", minRequests=20, thresholds={"maxErrorRate": 0.05})
+    status: dict[str, Any] = dict(MD["status"])
+    writes: asyncio.Queue[api.AnalysisResult] = asyncio.Queue()
+
+    async def patch_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        nonlocal status
+        status = _merged(status, patch)
+        await writes.put(api.AnalysisResult.model_validate(status["lastAnalysis"]))
+        return {"metadata": MD["metadata"], "status": status}
+
+    def runner() -> AnalysisRunner:
+        ta = TritonAnalysis(
+            pods_for=lambda _ns, _rev: ["127.0.0.1"],
+            metrics_port=stack.server.metrics_port,
+            select_by_revision=False,
+            clock=time.time,
+        )
+        return AnalysisRunner(ta, patch_status=patch_status, enqueue=lambda ns, name: None)
+
+    def md() -> dict[str, Any]:
+        return {"metadata": MD["metadata"], "status": status}
+
+    async def scenario() -> tuple[api.AnalysisResult, api.AnalysisResult, float, float]:
+        stack.sync(kind)  # blocking calls in the loop: tritonclient's gevent stays on one thread
+        before = runner()
+        before.ensure(md(), spec, STATE, "r3", "r1")
+        started = await asyncio.wait_for(writes.get(), 30)
+        stack.infer(1, 20)
+        task = before._jobs[("ns", MODEL)].task
+        before.stop_all()  # the process ends
+        assert task is not None
+        await asyncio.gather(task, return_exceptions=True)
+        stack.infer(1, 20)
+        stack.sync(kind)
+        after = runner()
+        restarted = time.time()
+        after.ensure(md(), spec, STATE, "r3", "r1")
+        res = await asyncio.wait_for(writes.get(), 3 * interval)
+        judged = time.time()
+        after.stop_all()
+        return started, res, restarted, judged
+
+    started, res, restarted, judged = asyncio.run(scenario())
+    print(f"\n[{kind}] resumed window: {res.verdict}: {res.reason}\n  values {res.values}")
+    assert started.verdict == "Pending" and started.window_start is not None
+    assert (started.window_counters is None) == (kind == "prometheus")  # Prometheus keeps the history
+    window_start = datetime.fromisoformat(started.window_start.replace("Z", "+00:00")).timestamp()
+    assert restarted < window_start + interval, "the restart came after the window's end: nothing shown"
+    assert window_start + interval <= judged < restarted + interval  # its original end, not a new window's
+    assert res.verdict == "Pass", res.reason
+    assert res.values["requests"] == 40 and res.values["failures"] == 0  # before and after the restart
+    assert interval <= res.values["windowSeconds"] < interval + 2
