@@ -31,6 +31,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO / "operator")]
 
 import localcluster  # noqa: E402
+import runtimeenv  # noqa: E402
 from kube import Cluster  # noqa: E402
 from operator_proc import OperatorProcess, install_crd  # noqa: E402
 
@@ -78,9 +79,11 @@ class Bench:
         self.op = OperatorProcess(
             self.workdir / "operator",
             ["bench-*"],
-            env={"KUBECONFIG": str(op_kubeconfig)},
+            env={"KUBECONFIG": str(op_kubeconfig), **runtimeenv.runtime_env()},
             resync_seconds=60,
             verbose=False,  # the chart's default log level: per-event debug lines would be measured too
+            # the shipped operator's dependency set: the dev venv's test extras would be measured too
+            python=str(runtimeenv.runtime_python()),
         )
         self.op.start()
 

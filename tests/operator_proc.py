@@ -36,6 +36,7 @@ class OperatorProcess:
         resync_seconds: float = 30,
         extra_args: list[str] | None = None,
         verbose: bool = True,
+        python: str = sys.executable,
     ) -> None:
         self.log_dir = log_dir
         self.namespaces = namespaces
@@ -43,6 +44,9 @@ class OperatorProcess:
         self.extra_args = extra_args or []
         self.extra_env = env or {}
         self.verbose = verbose
+        # The interpreter that runs it: the test venv's by default (it has the test extras, whose
+        # Kubernetes client kopf then imports too); make bench passes a runtime-only one.
+        self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
@@ -60,7 +64,7 @@ class OperatorProcess:
             **self.extra_env,
         }
         args = [
-            sys.executable,
+            self.python,
             "-m",
             "modeldeploy",
             "operator",

@@ -323,6 +323,15 @@ def test_ref_follows_the_pinned_requirements(
     assert images.ref("operator", project) != before
 
 
+def test_the_operator_image_has_no_kubernetes_client_library(images: ModuleType) -> None:
+    # kopf imports whichever of these is installed (~45 MiB of RSS for the official client); the
+    # operator uses none, and only the plugin's and the tests' extras bring one.
+    pins = images.pinned_requirements(REPO_ROOT)
+    names = {p.split("==")[0] for p in pins}
+    assert "kopf" in names
+    assert not names & {"kubernetes", "kubernetes-asyncio", "pykube-ng", "pykube", "tritonclient"}, pins
+
+
 def test_ref_follows_the_recipe(images: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = _fake_project(tmp_path)
     assert "def _build_operator_root" in images._recipe_source("operator")
