@@ -11,7 +11,7 @@ export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
 CLUSTER_DIR ?= .cluster
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image images bench clean
+.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit test-tools lint typecheck crds chart-crds chart-check image images bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ test: venv binaries node-deps ## run every test tier (cluster and real-node test
 
 test-unit: venv ## pure unit tests only, no cluster
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-tools: venv ## the tooling tier: chart rendering, local cluster and real node config, images; no cluster
+	$(PY) -m pytest tests/tools $(PYTEST_ARGS)
 
 lint: venv ## ruff lint + format check
 	$(VENV)/bin/ruff check operator tests hack

@@ -229,7 +229,7 @@ TRITON_CONFIG = ImageConfig(
     ),
 )
 
-# The Dockerfile's final stage; tests/unit/test_images.py holds them equal.
+# The Dockerfile's final stage; tests/tools/test_images.py holds them equal.
 OPERATOR_USER = User("nonroot", 65532, 65532, "/nonexistent", "/usr/sbin/nologin")
 OPERATOR_CONFIG = ImageConfig(
     entrypoint=("modeldeploy",),

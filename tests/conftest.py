@@ -27,7 +27,10 @@ _report: list[str] = []
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cluster_dir = Path(__file__).parent / "cluster"
+    tools_dir = Path(__file__).parent / "tools"
     for item in items:
+        if tools_dir in Path(item.path).parents:
+            item.add_marker(pytest.mark.tools)
         fixtures = getattr(item, "fixturenames", ())
         if "cluster" in fixtures or "namespace" in fixtures or cluster_dir in Path(item.path).parents:
             item.add_marker(pytest.mark.cluster)
