@@ -19,6 +19,7 @@ import pytest
 # tests/ has no __init__.py: make `import kube` work from every test module and import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import figures
 import kube
 from kube import Cluster, ClusterUnavailable
 
@@ -94,5 +95,5 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in _report:
+    for line in [*_report, *figures.summary_lines()]:
         terminalreporter.write_line(line)

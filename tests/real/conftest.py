@@ -16,10 +16,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from realtier import FIGURES, figure, realnode, unavailable
+from realtier import figure, realnode, unavailable
 
 import kube
 from hackmods import load_hack
@@ -34,11 +33,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # test_lifecycle.py first whatever the file names sort as (test_chaos_real.py sorts before it):
     # its own clusters must be up and down before the session cluster takes the host's real node.
     items.sort(key=lambda item: Path(item.path).name != "test_lifecycle.py")
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in FIGURES:
-        terminalreporter.write_line(f"real node: {line}")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import figures
 from hackmods import load_hack
 from hackmods import unavailable as _unavailable
 
@@ -18,13 +19,9 @@ REQUIRED_BY = ("MODELDEPLOY_REQUIRE_CLUSTER", "MODELDEPLOY_REQUIRE_REAL_NODE")
 realnode = load_hack("realnode")
 
 
-FIGURES: list[str] = []
-
-
 def figure(name: str, value: str) -> None:
     """A measurement of the real tier, printed in the terminal summary (and at once with -s)."""
-    FIGURES.append(f"{name}: {value}")
-    print(f"\n[figure] {name}: {value}", flush=True)
+    figures.figure("real node", name, value)
 
 
 def unavailable(reason: str) -> None:

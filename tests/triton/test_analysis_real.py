@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 from hackmods import load_hack, unavailable
 from modeldeploy import api
 from modeldeploy.analysis import PrometheusSource, ScrapeSource, Target, TritonAnalysis, window
+from tritonmodels import flaky_py
 
 pytestmark = pytest.mark.triton
 
@@ -51,36 +52,10 @@ output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
-MODEL_PY = """
-import time
-
-import triton_python_backend_utils as pb_utils
-
-FAIL_EVERY = {fail_every}
-SLEEP = {sleep}
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.n = 0
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            self.n += 1
-            if SLEEP:
-                time.sleep(SLEEP)
-            if FAIL_EVERY and self.n % FAIL_EVERY == 0:
-                raise pb_utils.TritonModelException(f"request {{self.n}} fails on purpose")
-            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x * 2)]))
-        return responses
-"""
-
 VERSIONS = {
-    1: MODEL_PY.format(fail_every=0, sleep=0),
-    2: MODEL_PY.format(fail_every=FAIL_EVERY, sleep=0),
-    3: MODEL_PY.format(fail_every=0, sleep=SLOW_SECONDS),
+    1: flaky_py(),
+    2: flaky_py(fail_every=FAIL_EVERY),
+    3: flaky_py(sleep=SLOW_SECONDS),
 }
 
 MD: dict[str, Any] = {

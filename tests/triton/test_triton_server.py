@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
+from tritonmodels import scaler_py
 
 pytestmark = pytest.mark.triton
 
@@ -50,23 +51,6 @@ class TritonPythonModel:
         return responses
 """
 
-#: Y = X * FACTOR, one model.py per version directory.
-SCALER_PY = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-FACTOR = {factor}
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "{input}").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("{output}", x * FACTOR)]))
-        return responses
-"""
-
 ADD_ONE_PY = """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -91,10 +75,6 @@ def model_spec(fmt: str, version: int, config: dict[str, Any]) -> api.ModelSpec:
     return api.ModelSpec.model_validate(
         {"format": fmt, "storageUri": "pvc://models/repository", "version": version, "config": config}
     )
-
-
-def scaler_py(factor: int, inp: str = "X", out: str = "Y") -> str:
-    return SCALER_PY.format(factor=factor, input=inp, output=out)
 
 
 def metric(server: Any, name: str, **labels: str) -> float | None:
