@@ -31,11 +31,11 @@ node-deps: ## Debian packages of the real node and the image builds (runc, CNI p
 	@hack/install-node-deps.sh || echo "node-deps: not installed (the real node will say why it cannot start)" >&2
 
 cluster-up: venv binaries node-deps ## start the local control plane (+ the real node where possible) in the background
-	$(PY) hack/localcluster.py up --dir $(CLUSTER_DIR)
+	$(PY) -m hack.localcluster up --dir $(CLUSTER_DIR)
 
 cluster-down: ## stop the local control plane (and the operator make demo started)
 	@if [ -f $(CLUSTER_DIR)/operator.pid ]; then kill $$(cat $(CLUSTER_DIR)/operator.pid) 2>/dev/null || true; rm -f $(CLUSTER_DIR)/operator.pid; fi
-	@if [ -x $(PY) ]; then $(PY) hack/localcluster.py down --dir $(CLUSTER_DIR); fi
+	@if [ -x $(PY) ]; then $(PY) -m hack.localcluster down --dir $(CLUSTER_DIR); fi
 
 demo: venv binaries node-deps ## the main job on the local cluster
 	hack/demo.sh
@@ -57,7 +57,7 @@ typecheck: venv ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
 bench: venv binaries ## print speed figures (create latency, burst, steady-state writes, RSS, rollback reaction)
-	$(PY) hack/bench.py $(BENCH_ARGS)
+	$(PY) -m hack.bench $(BENCH_ARGS)
 
 crds: venv ## regenerate crds/ from the typed spec model (and the chart's copy)
 	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
@@ -74,7 +74,7 @@ image: ## build the operator image (needs a Docker engine)
 	docker build -t ghcr.io/modeldeploy/operator:$$($(PY) -c 'import modeldeploy;print(modeldeploy.__version__)') .
 
 images: venv ## build the pause, triton and operator OCI archives without Docker (root; cached under $(MODELDEPLOY_CACHE)/images)
-	$(PY) hack/images.py build all
+	$(PY) -m hack.images build all
 
 clean: cluster-down ## remove local state (not the binary cache)
 	rm -rf $(CLUSTER_DIR) .pytest_cache .mypy_cache .ruff_cache

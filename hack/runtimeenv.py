@@ -15,7 +15,7 @@ cache) and marked complete only when the install succeeded.
 
 CLI::
 
-    python hack/runtimeenv.py        # builds it if needed, prints its python
+    python -m hack.runtimeenv        # builds it if needed, prints its python
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from images import pinned_requirements
-from procutil import cache_dir, file_lock
+from hack.images import pinned_requirements
+from hack.procutil import cache_dir, file_lock
 
 REPO = Path(__file__).resolve().parents[1]
 COMPLETE = ".modeldeploy-complete"

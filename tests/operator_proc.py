@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from hack.procutil import free_port
 from kube import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "modeldeploy.io_modeldeployments.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OperatorProcess:

@@ -44,7 +44,8 @@ from typing import Any, NoReturn
 import pytest
 
 from conftest import MD, model_deployment
-from hackmods import load_hack
+from hack import prometheus
+from hack import triton as triton_launcher
 from hackmods import unavailable as _unavailable
 from kube import Cluster, hold_for, wait_for
 from modeldeploy import api, revision
@@ -81,10 +82,6 @@ VERSIONS = {
 
 
 # --------------------------------------------------------------------------- environment
-
-
-triton_launcher = load_hack("triton")
-prometheus = load_hack("prometheus")
 
 
 def unavailable(reason: str) -> NoReturn:

@@ -54,8 +54,8 @@ from kubernetes import client
 import figures
 import modeldeploy.kube  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
 from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, ready_on, running_operator
+from hack.localcluster import node_schedulable
 from kube import Cluster, hold_for, unique_name, wait_for
-from localcluster import node_schedulable
 from operator_proc import OperatorProcess
 
 OP_USER = "modeldeploy-reliability"

@@ -21,7 +21,6 @@ import pytest
 from realtier import figure, realnode, unavailable
 
 import kube
-from hackmods import load_hack
 from kube import Cluster, ClusterUnavailable
 
 
@@ -63,7 +62,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def images(cluster: Cluster) -> dict[str, str]:
     """name -> reference of the locally built images, imported into the real node's containerd."""
-    builder = load_hack("images")
+    from hack import images as builder
+
     assert cluster.control_plane is not None
     refs: dict[str, str] = {}
     for name in ("operator", "triton"):

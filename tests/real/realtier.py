@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import figures
-from hackmods import load_hack
+from hack import realnode
 from hackmods import unavailable as _unavailable
 
 REQUIRED_BY = ("MODELDEPLOY_REQUIRE_CLUSTER", "MODELDEPLOY_REQUIRE_REAL_NODE")
-
-realnode = load_hack("realnode")
 
 
 def figure(name: str, value: str) -> None:
@@ -69,7 +67,8 @@ def operator_process(workdir: Path, namespaces: list[str], stager_image: str) ->
 def s3_on_node(workdir: Path) -> Iterator[Any]:
     """A real S3 server (moto) on the node IP, where pods reach it; the tier's reason when moto
     cannot be had."""
-    s3server = load_hack("s3server")
+    from hack import s3server
+
     try:
         python = s3server.ensure_moto()
     except s3server.S3ServerUnavailable as err:

@@ -18,12 +18,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from realtier import figure, on_real_node, realnode, unavailable
 
-from hackmods import load_hack
+from hack import s3server
 from kube import Cluster, pod_is_ready, wait_for
 from operator_proc import OperatorProcess, install_crd
 from tritonmodels import broken_py, scaler_py
-
-s3server = load_hack("s3server")
 
 MODEL = "doubler"
 FACTOR = 2.0

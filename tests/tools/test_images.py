@@ -18,12 +18,14 @@ from typing import Any
 
 import pytest
 
-from hackmods import REPO_ROOT, load_hack
+from hackmods import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def images() -> ModuleType:
-    return load_hack("images")
+    from hack import images
+
+    return images
 
 
 # --------------------------------------------------------------------------- OCI archive writer

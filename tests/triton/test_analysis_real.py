@@ -30,7 +30,9 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from hackmods import load_hack, unavailable
+from hack import prometheus
+from hack.procutil import poll
+from hackmods import unavailable
 from modeldeploy import api
 from modeldeploy.analysis import PrometheusSource, ScrapeSource, Target, TritonAnalysis, window
 from tritonmodels import flaky_py
@@ -63,9 +65,6 @@ MD: dict[str, Any] = {
     "status": {"history": [{"hash": f"r{v}", "modelVersion": v} for v in VERSIONS]},
 }
 STATE = api.RolloutState(state="Progressing", step=0, stable_revision=1, candidate_revision=2)
-
-
-prometheus = load_hack("prometheus")
 
 
 class ManualClock:
@@ -126,13 +125,13 @@ class Stack:
 
     def sync(self, kind: str) -> None:
         """Until every request sent is counted by Triton (and, for Prometheus, scraped)."""
-        self.launcher.poll(
+        poll(
             lambda: True if self._live_total() == self.sent else None,
             timeout=30,
             what=f"tritonserver to count {self.sent} requests",
         )
         if kind == "prometheus":
-            self.launcher.poll(
+            poll(
                 lambda: True if self._prom_total() == self.sent else None,
                 timeout=30,
                 interval=0.2,
@@ -350,11 +349,11 @@ def test_sources_agree_and_prometheus_selects_by_revision_label(
                 )
             )
 
-        stack.launcher.poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
+        poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
         start = asyncio.run(snaps())
         stack.infer(2, 12)
         stack.sync("prometheus")
-        stack.launcher.poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
+        poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
 
         def all_caught_up() -> list[Any] | None:
             # The revision-labelled Prometheus scrapes on its own schedule: poll until it has the last scrape.
@@ -362,7 +361,7 @@ def test_sources_agree_and_prometheus_selects_by_revision_label(
             got = [window(s, e).requests for s, e in zip(start[:3], snap[:3], strict=True)]
             return snap if len(set(got)) == 1 else None
 
-        end = stack.launcher.poll(all_caught_up, timeout=30, interval=0.5, what="all sources see it")
+        end = poll(all_caught_up, timeout=30, interval=0.5, what="all sources see it")
 
     assert len(end[2].series) == 1  # revision bbb, version 2: one series though the server is scraped twice
     assert len(end[3].series) == len(VERSIONS)  # revision aaa, every version

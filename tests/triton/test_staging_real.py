@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from hackmods import load_hack, unavailable
+from hack import s3server
+from hackmods import unavailable
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
 from tritonmodels import scaler_py
@@ -42,9 +43,6 @@ MODEL = "staged"
 FACTOR = 3
 
 MODEL_PY = scaler_py(FACTOR)
-
-
-s3server = load_hack("s3server")
 
 
 def rendered_config() -> str:

@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from hack.procutil import poll
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
 from tritonmodels import scaler_py
@@ -159,7 +160,7 @@ def test_rendered_python_model_serves_and_is_counted(
         got = infer_http(server, "adder", {"A": a, "B": b}, "SUM")
         np.testing.assert_allclose(got, a + b + 0.5)
 
-    triton_launcher.poll(
+    poll(
         lambda: True if metric(server, "nv_inference_request_success", **labels) == requests else None,
         timeout=30,
         what=f"nv_inference_request_success{labels} == {requests}",
@@ -172,7 +173,7 @@ def test_rendered_python_model_serves_and_is_counted(
     bad = np.full((1, 4), np.nan, dtype=np.float32)
     with pytest.raises(InferenceServerException, match="A contains NaN"):
         infer_http(server, "adder", {"A": bad, "B": bad}, "SUM")
-    triton_launcher.poll(
+    poll(
         lambda: (
             True if metric(server, "nv_inference_request_failure", **labels, reason="BACKEND") == 1 else None
         ),
@@ -262,7 +263,7 @@ def test_rendered_ensemble_runs_its_steps(
     x = np.array([[1.0, -2.0, 0.25], [3.0, 4.0, 5.0]], dtype=np.float32)
     np.testing.assert_allclose(infer_http(server, "pipeline", {"IN": x}, "OUT"), x * 2 + 1)
 
-    triton_launcher.poll(
+    poll(
         lambda: (
             True
             if metric(server, "nv_inference_request_success", model="pipeline", version="1") == 1
