@@ -11,7 +11,7 @@ export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
 CLUSTER_DIR ?= .cluster
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit test-tools lint typecheck crds chart-crds chart-check image images bench clean
+.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit test-tools lint typecheck crds chart-crds chart-docs chart-check image images bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -64,8 +64,11 @@ crds: venv ## regenerate crds/ from the typed spec model (and the chart's copy)
 	cp crds/modeldeploy.io_modeldeployments.yaml charts/modeldeploy-operator/crds/
 	$(PY) -m modeldeploy api-docs > docs/api-reference.md
 
-chart-crds: ## copy the generated CRD into the chart (a unit test fails on drift)
+chart-crds: ## copy the generated CRD into the chart (a test fails on drift)
 	cp crds/*.yaml charts/modeldeploy-operator/crds/
+
+chart-docs: venv ## regenerate the chart README's values table and the schema's descriptions/defaults from values.yaml
+	$(PY) -m hack.chartdocs
 
 chart-check: binaries ## helm lint --strict + template for every values layout; CRD copy in sync
 	hack/chart-check.sh
