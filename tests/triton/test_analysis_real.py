@@ -81,7 +81,6 @@ class ManualClock:
 class Stack:
     server: Any
     prom: Any
-    launcher: ModuleType
     sent: int = 0
     client: httpclient.InferenceServerClient = field(init=False)
 
@@ -188,7 +187,7 @@ def stack(
             f"\n{prometheus.version(prometheus_binary)}: ready in {prom.ready_seconds:.2f}s, target up after "
             f"{time.monotonic() - started:.2f}s; tritonserver ready in {server.ready_seconds:.2f}s"
         )
-        s = Stack(server, prom, triton_launcher)
+        s = Stack(server, prom)
         for version in VERSIONS:  # first requests are slow (backend warm-up): before any window
             s.infer(version, 1)
         yield s

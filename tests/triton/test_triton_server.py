@@ -114,7 +114,7 @@ def infer_http(
 
 
 def test_rendered_python_model_serves_and_is_counted(
-    triton_server: Any, model_repo: Path, write_model: Any, triton_launcher: ModuleType
+    triton_server: Any, model_repo: Path, write_model: Any
 ) -> None:
     spec = model_spec(
         "python",
@@ -229,9 +229,7 @@ def test_pinned_version_missing_from_repository_fails_loudly(
     assert "version 3 is specified for model 'scaler', but the version directory is not present" in log
 
 
-def test_rendered_ensemble_runs_its_steps(
-    triton_server: Any, model_repo: Path, write_model: Any, triton_launcher: ModuleType
-) -> None:
+def test_rendered_ensemble_runs_its_steps(triton_server: Any, model_repo: Path, write_model: Any) -> None:
     step_config = {"maxBatchSize": 4, "instanceGroups": [{"kind": "KIND_CPU", "count": 1}]}
     double = model_spec("python", 1, {**step_config, "inputs": [fp32("X", 3)], "outputs": [fp32("Y", 3)]})
     add_one = model_spec("python", 1, {**step_config, "inputs": [fp32("Y", 3)], "outputs": [fp32("Z", 3)]})
