@@ -11,7 +11,7 @@ export MODELDEPLOY_CACHE ?= $(HOME)/.cache/modeldeploy
 CLUSTER_DIR ?= .cluster
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit lint typecheck crds chart-crds chart-check image images bench clean
+.PHONY: help venv binaries node-deps cluster-up cluster-down demo test test-unit test-tools lint typecheck crds chart-crds chart-docs chart-check image images bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -31,11 +31,11 @@ node-deps: ## Debian packages of the real node and the image builds (runc, CNI p
 	@hack/install-node-deps.sh || echo "node-deps: not installed (the real node will say why it cannot start)" >&2
 
 cluster-up: venv binaries node-deps ## start the local control plane (+ the real node where possible) in the background
-	$(PY) hack/localcluster.py up --dir $(CLUSTER_DIR)
+	$(PY) -m hack.localcluster up --dir $(CLUSTER_DIR)
 
 cluster-down: ## stop the local control plane (and the operator make demo started)
 	@if [ -f $(CLUSTER_DIR)/operator.pid ]; then kill $$(cat $(CLUSTER_DIR)/operator.pid) 2>/dev/null || true; rm -f $(CLUSTER_DIR)/operator.pid; fi
-	@if [ -x $(PY) ]; then $(PY) hack/localcluster.py down --dir $(CLUSTER_DIR); fi
+	@if [ -x $(PY) ]; then $(PY) -m hack.localcluster down --dir $(CLUSTER_DIR); fi
 
 demo: venv binaries node-deps ## the main job on the local cluster
 	hack/demo.sh
@@ -46,6 +46,9 @@ test: venv binaries node-deps ## run every test tier (cluster and real-node test
 test-unit: venv ## pure unit tests only, no cluster
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+test-tools: venv ## the tooling tier: chart rendering, local cluster and real node config, images; no cluster
+	$(PY) -m pytest tests/tools $(PYTEST_ARGS)
+
 lint: venv ## ruff lint + format check
 	$(VENV)/bin/ruff check operator tests hack
 	$(VENV)/bin/ruff format --check operator tests hack
@@ -54,15 +57,18 @@ typecheck: venv ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
 bench: venv binaries ## print speed figures (create latency, burst, steady-state writes, RSS, rollback reaction)
-	$(PY) hack/bench.py $(BENCH_ARGS)
+	$(PY) -m hack.bench $(BENCH_ARGS)
 
 crds: venv ## regenerate crds/ from the typed spec model (and the chart's copy)
 	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
 	cp crds/modeldeploy.io_modeldeployments.yaml charts/modeldeploy-operator/crds/
 	$(PY) -m modeldeploy api-docs > docs/api-reference.md
 
-chart-crds: ## copy the generated CRD into the chart (a unit test fails on drift)
+chart-crds: ## copy the generated CRD into the chart (a test fails on drift)
 	cp crds/*.yaml charts/modeldeploy-operator/crds/
+
+chart-docs: venv ## regenerate the chart README's values table and the schema's descriptions/defaults from values.yaml
+	$(PY) -m hack.chartdocs
 
 chart-check: binaries ## helm lint --strict + template for every values layout; CRD copy in sync
 	hack/chart-check.sh
@@ -71,7 +77,7 @@ image: ## build the operator image (needs a Docker engine)
 	docker build -t ghcr.io/modeldeploy/operator:$$($(PY) -c 'import modeldeploy;print(modeldeploy.__version__)') .
 
 images: venv ## build the pause, triton and operator OCI archives without Docker (root; cached under $(MODELDEPLOY_CACHE)/images)
-	$(PY) hack/images.py build all
+	$(PY) -m hack.images build all
 
 clean: cluster-down ## remove local state (not the binary cache)
 	rm -rf $(CLUSTER_DIR) .pytest_cache .mypy_cache .ruff_cache

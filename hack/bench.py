@@ -9,7 +9,7 @@ attributes every write to it. Prints:
   - operator peak RSS at N;
   - rollback reaction: candidate failure visible in the API -> traffic back on stable.
 
-Usage: python hack/bench.py [--create 100] [--burst 100,500,1000] [--steady-seconds 60]
+Usage: python -m hack.bench [--create 100] [--burst 100,500,1000] [--steady-seconds 60]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO / "operator")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "operator")]
 
-import localcluster  # noqa: E402
+from hack import localcluster, runtimeenv  # noqa: E402
 from kube import Cluster  # noqa: E402
 from operator_proc import OperatorProcess, install_crd  # noqa: E402
 
@@ -78,9 +78,11 @@ class Bench:
         self.op = OperatorProcess(
             self.workdir / "operator",
             ["bench-*"],
-            env={"KUBECONFIG": str(op_kubeconfig)},
+            env={"KUBECONFIG": str(op_kubeconfig), **runtimeenv.runtime_env()},
             resync_seconds=60,
             verbose=False,  # the chart's default log level: per-event debug lines would be measured too
+            # the shipped operator's dependency set: the dev venv's test extras would be measured too
+            python=str(runtimeenv.runtime_python()),
         )
         self.op.start()
 

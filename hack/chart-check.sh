@@ -2,7 +2,7 @@
 # Offline checks of charts/modeldeploy-operator: the CRD copy matches crds/, and `helm lint --strict`
 # plus `helm template` pass for every supported values layout. The full checks (rendered objects,
 # RBAC rules, PromQL, server-side validation, install, RBAC exercised by the operator) are
-# tests/unit/test_chart_render.py and tests/cluster/test_chart.py.
+# tests/tools/test_chart_render.py and tests/cluster/test_chart.py.
 #   hack/chart-check.sh            (HELM=/path/to/helm to use another helm)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,9 +10,9 @@ PY=${PY:-.venv/bin/python}
 DIR=${CLUSTER_DIR:-.cluster}
 export MODELDEPLOY_CACHE=${MODELDEPLOY_CACHE:-$HOME/.cache/modeldeploy}
 
-$PY hack/localcluster.py up --dir "$DIR"
+$PY -m hack.localcluster up --dir "$DIR"
 export KUBECONFIG=$PWD/$DIR/kubeconfig
-eval "$($PY hack/localcluster.py env --dir "$DIR")"   # our kubectl/helm first on PATH
+eval "$($PY -m hack.localcluster env --dir "$DIR")"   # our kubectl/helm first on PATH
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -28,7 +28,7 @@ real_node=""
 if kubectl get node real-0 >/dev/null 2>&1; then
   real_node=yes
   # the stager init container runs the operator image, built and loaded by hack/demo_real.py
-  export MODELDEPLOY_STAGER_IMAGE=$($PY hack/images.py ref operator)
+  export MODELDEPLOY_STAGER_IMAGE=$($PY -m hack.images ref operator)
 fi
 
 step "run the operator (log: $DIR/operator.log)"
@@ -40,7 +40,7 @@ MODELDEPLOY_METRICS_PORT=0 nohup .venv/bin/modeldeploy-operator run --standalone
 echo $! >"$DIR/operator.pid"
 
 if [ -n "$real_node" ]; then
-  $PY hack/demo_real.py --dir "$DIR"
+  $PY -m hack.demo_real --dir "$DIR"
   echo
   echo "The cluster keeps running: export KUBECONFIG=$PWD/$DIR/kubeconfig; stop it with make cluster-down"
   exit 0

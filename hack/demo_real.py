@@ -33,15 +33,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "hack"), str(ROOT / "tests" / "real")]
+sys.path.insert(0, str(ROOT / "tests" / "real"))  # the real tier's model and traffic (tests/ is no package)
 
 from models import MODEL, SPEC_CONFIG, write_repository  # noqa: E402
 from traffic import Traffic, describe_failures, failures, kube_proxy_caught_up, versions  # noqa: E402
 
-import images  # noqa: E402
-import localcluster  # noqa: E402
-import realnode  # noqa: E402
-import s3server  # noqa: E402
+from hack import images, localcluster, realnode, s3server  # noqa: E402
+from hack.procutil import poll  # noqa: E402
 
 NAME = "versioned"
 KUBE_PROXY_METRICS = f"http://{realnode.NODE_IP}:{realnode.RealNode.PORTS['kube-proxy-metrics']}/metrics"
@@ -67,18 +65,21 @@ def status() -> dict[str, Any]:
 
 
 def wait(pred: Any, what: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
     last = ""
-    while time.monotonic() < deadline:
+
+    def ready() -> dict[str, Any] | None:
+        nonlocal last
         st = status()
         row = kubectl("get", "md", NAME, "-n", NAMESPACE, "--no-headers", check=False).strip()
         if row != last:
             print(f"  {row}", flush=True)
             last = row
-        if pred(st):
-            return st
-        time.sleep(0.5)
-    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}: {status()}")
+        return st if pred(st) else None
+
+    try:
+        return poll(ready, timeout=timeout, interval=0.5, what=what)
+    except TimeoutError as exc:
+        raise SystemExit(f"{exc}: {status()}") from None
 
 
 def ready_on(revision: int) -> Any:
@@ -126,9 +127,10 @@ def manifest(image: str, version: int) -> str:
 
 def routed(ready: int, timeout: float = 60) -> None:
     """Wait until the main Service has ``ready`` ready endpoints and kube-proxy has written them."""
-    deadline = time.monotonic() + timeout
     count, stamps = 0, []
-    while time.monotonic() < deadline:
+
+    def caught_up() -> bool | None:
+        nonlocal count, stamps
         slices = json.loads(
             kubectl(
                 "get",
@@ -151,11 +153,15 @@ def routed(ready: int, timeout: float = 60) -> None:
         if count == ready and stamps:
             changed = max(calendar.timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%SZ")) for t in stamps)
             if kube_proxy_caught_up(KUBE_PROXY_METRICS, changed):
-                return
-        time.sleep(0.2)
-    raise SystemExit(
-        f"the Service never had {ready} ready endpoints routed: {count} ready, slices changed {stamps}"
-    )
+                return True
+        return None
+
+    try:
+        poll(caught_up, timeout=timeout, interval=0.2, what=f"{ready} ready endpoints routed")
+    except TimeoutError:
+        raise SystemExit(
+            f"the Service never had {ready} ready endpoints routed: {count} ready, slices changed {stamps}"
+        ) from None
 
 
 def share_of(traffic: Traffic, version: int, n: int = 300) -> str:

@@ -17,7 +17,7 @@ Three images, each from Debian packages and PyPI wheels only, written as OCI ima
   ``WORKDIR /tmp``. The operator's container command (``tritonserver --model-repository=...``)
   runs unchanged, with a read-only root filesystem.
 * ``operator``: what the project's ``Dockerfile`` builds (the same venv ``/opt/modeldeploy`` with
-  ``pip install .``, entry points, environment, user and working directory; a unit test parses
+  ``pip install .``, entry points, environment, user and working directory; a tools-tier test parses
   the Dockerfile and fails on drift), on Debian bookworm essential + ``python3``,
   ``python3-venv``, ``ca-certificates``. pip inside the new root cannot reach PyPI (TLS is
   intercepted here and the host's CA bundle is not in the root), so the wheelhouse is built on
@@ -71,11 +71,11 @@ Python's venv with the project's dependencies and nvidia-pytriton (``make venv``
 
 CLI::
 
-    python hack/images.py build [all|pause|triton|operator]...   # ref, sizes, seconds, cached/built
-    python hack/images.py ref NAME
-    python hack/images.py verify [NAME...]                        # run the built images with runc
-    python hack/images.py import --ctr PATH --address SOCK [--namespace k8s.io] NAME...
-    python hack/images.py prune                                   # archives of stale inputs
+    python -m hack.images build [all|pause|triton|operator]...   # ref, sizes, seconds, cached/built
+    python -m hack.images ref NAME
+    python -m hack.images verify [NAME...]                        # run the built images with runc
+    python -m hack.images import --ctr PATH --address SOCK [--namespace k8s.io] NAME...
+    python -m hack.images prune                                   # archives of stale inputs
 
 Dependencies: the standard library, ``packaging`` (for the requirement markers) and, for the
 triton image, ``hack/triton.py``.
@@ -108,11 +108,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
-_HACK_DIR = str(Path(__file__).resolve().parent)
-if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests)
-    sys.path.append(_HACK_DIR)
-
-from procutil import cache_dir, file_lock, free_ports, http_get, http_request, poll  # noqa: E402
+from hack.procutil import cache_dir, file_lock, free_ports, http_get, http_request, poll
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = "modeldeploy.local"
@@ -229,7 +225,7 @@ TRITON_CONFIG = ImageConfig(
     ),
 )
 
-# The Dockerfile's final stage; tests/unit/test_images.py holds them equal.
+# The Dockerfile's final stage; tests/tools/test_images.py holds them equal.
 OPERATOR_USER = User("nonroot", 65532, 65532, "/nonexistent", "/usr/sbin/nologin")
 OPERATOR_CONFIG = ImageConfig(
     entrypoint=("modeldeploy",),
@@ -568,15 +564,8 @@ def pinned_requirements(project: Path) -> list[str]:
 
 
 def _triton_module() -> ModuleType:
-    """hack/triton.py, under the module name the tests use (``triton`` may be a PyPI package too)."""
-    mod_name = "modeldeploy_hack_triton"
-    if mod_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(mod_name, Path(_HACK_DIR) / "triton.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[mod_name]
+    """hack/triton.py, imported only where the triton image is built (it needs nvidia-pytriton)."""
+    return importlib.import_module("hack.triton")
 
 
 def _triton_wheel() -> Any:

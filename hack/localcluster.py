@@ -36,9 +36,9 @@ Library use::
 
 CLI (processes outlive the command; state in ``<dir>/state.json``)::
 
-    python hack/localcluster.py up --dir .cluster
-    python hack/localcluster.py status --dir .cluster
-    python hack/localcluster.py down --dir .cluster
+    python -m hack.localcluster up --dir .cluster
+    python -m hack.localcluster status --dir .cluster
+    python -m hack.localcluster down --dir .cluster
 
 Dependencies: the standard library, ``cryptography`` and ``pyyaml``.
 """
@@ -72,15 +72,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hack import realnode
+from hack.procutil import cache_dir, free_ports, poll, popen_logged
+
 HACK_DIR = Path(__file__).resolve().parent
-if str(HACK_DIR) not in sys.path:  # loaded from its file path under another name
-    sys.path.append(str(HACK_DIR))
 
-import realnode  # noqa: E402
-from procutil import cache_dir, popen_logged  # noqa: E402
-
-# re-exported: public helpers of this module (tests call localcluster.free_ports)
-from procutil import free_ports as free_ports  # noqa: E402
 
 VERSIONS_FILE = HACK_DIR / "versions.env"
 STAGES_FILE = HACK_DIR / "kwok" / "stages.yaml"
@@ -286,7 +282,7 @@ def node_schedulable(node: Mapping[str, Any]) -> bool:
 
 def sandbox_image() -> tuple[str, Path]:
     """(reference, OCI archive) of the locally built pause image (built once, cached by content)."""
-    import images  # hack/images.py: needs gcc, not needed without a real node
+    from hack import images  # needs gcc, not needed without a real node
 
     built = images.build("pause")
     return built.ref, built.archive
@@ -678,11 +674,15 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 return False
             return True
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+        try:
+            poll(
+                lambda: None if self.alive() else True,
+                timeout=timeout,
+                interval=0.05,
+                what=f"{self.name} gone",
+            )
+        except TimeoutError:
+            return False
         return True
 
     def _reap(self) -> None:
@@ -1221,10 +1221,11 @@ class LocalControlPlane:
             self.save_state()
 
     def _wait(self, what: str, check: Callable[[], bool], watch: Sequence[str]) -> None:
-        deadline = time.monotonic() + self.timeout
         last_error: BaseException | None = None
-        while True:
-            for name in watch:
+
+        def once() -> bool | None:
+            nonlocal last_error
+            for name in watch:  # a watched process that died fails the wait at once
                 proc = self.processes.get(name)
                 if proc is not None and not proc.alive():
                     raise ControlPlaneError(
@@ -1232,17 +1233,19 @@ class LocalControlPlane:
                         f"log {proc.log}:\n{proc.log_tail()}"
                     )
             try:
-                if check():
-                    return
+                return True if check() else None
             except _TRANSIENT as e:
                 last_error = e
-            if time.monotonic() > deadline:
-                logs = ", ".join(str(self.processes[n].log) for n in watch if n in self.processes)
-                raise ControlPlaneError(
-                    f"timed out after {self.timeout:.0f}s waiting for {what} (last error: {last_error!r}); "
-                    f"logs: {logs}"
-                )
-            time.sleep(POLL_INTERVAL)
+                return None
+
+        try:
+            poll(once, timeout=self.timeout, interval=POLL_INTERVAL, what=what)
+        except TimeoutError:
+            logs = ", ".join(str(self.processes[n].log) for n in watch if n in self.processes)
+            raise ControlPlaneError(
+                f"timed out after {self.timeout:.0f}s waiting for {what} (last error: {last_error!r}); "
+                f"logs: {logs}"
+            ) from None
 
     def _client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))

@@ -11,8 +11,8 @@
   ready, stop, log tail, context manager, CLI foreground), :func:`start_with_port_retries` and
   :func:`interrupt_on_signals`.
 
-The launchers import it as ``procutil``, with ``hack/`` on ``sys.path`` (they append it
-when loaded from their file path under another module name, as the tests do).
+``hack`` is a package: the launchers import this as ``hack.procutil``, with the repository root on
+``sys.path`` (``python -m hack.<module>`` from the root; the tests' pytest configuration adds it).
 
 Dependencies: the standard library only.
 """

@@ -17,8 +17,8 @@ Library use::
 
 CLI::
 
-    python hack/prometheus.py ensure                 # install if needed, print the binary and version
-    python hack/prometheus.py serve --target 127.0.0.1:8002 [--label revision=abc] [--port 9091]
+    python -m hack.prometheus ensure                 # install if needed, print the binary and version
+    python -m hack.prometheus serve --target 127.0.0.1:8002 [--label revision=abc] [--port 9091]
 
 Dependencies: the standard library only.
 """
@@ -37,16 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-_HACK_DIR = str(Path(__file__).resolve().parent)
-if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests)
-    sys.path.append(_HACK_DIR)
-
-from procutil import ServerProcess, interrupt_on_signals, start_with_port_retries  # noqa: E402
-
-# re-exported: public helpers of this module
-from procutil import free_port as free_port  # noqa: E402
-from procutil import http_get as http_get  # noqa: E402
-from procutil import poll as poll  # noqa: E402
+from hack.procutil import (
+    ServerProcess,
+    free_port,
+    http_get,
+    interrupt_on_signals,
+    poll,
+    start_with_port_retries,
+)
 
 DEFAULT_BINARY = "/usr/bin/prometheus"
 DEBIAN_PACKAGE = "prometheus"

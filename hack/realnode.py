@@ -50,7 +50,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,11 +58,9 @@ from typing import Any
 
 import yaml
 
-HACK_DIR = Path(__file__).resolve().parent
-if str(HACK_DIR) not in sys.path:  # loaded from its file path under another name (tests)
-    sys.path.append(str(HACK_DIR))
+from hack.procutil import file_lock, poll
 
-from procutil import file_lock  # noqa: E402
+HACK_DIR = Path(__file__).resolve().parent
 
 NODE_NAME = "real-0"
 NODE_IP = "10.250.0.1"
@@ -195,12 +192,17 @@ def kill_and_wait(pids: Iterable[int], timeout: float = 10) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        for pid in pids:
+
+    def gone() -> bool | None:
+        if not any(Path(f"/proc/{p}").exists() for p in pids):
+            return True
+        for pid in pids:  # reap our own children, or they stay as zombies under /proc
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.05)
+        return None
+
+    with contextlib.suppress(TimeoutError):  # what outlives SIGKILL is the caller's to report
+        poll(gone, timeout=timeout, interval=0.05, what="killed processes gone")
 
 
 def cgroup_dirs(name: str) -> list[Path]:
@@ -614,7 +616,7 @@ def claim_host(node_root: Path, workdir: Path) -> None:
             if pids_with(lambda argv, root=owner_root: any(root in word for word in argv)):
                 raise RealNodeError(
                     f"another real node (cluster {owner_dir}) runs on this host; stop it first "
-                    f"(python hack/localcluster.py down --dir {owner_dir})"
+                    f"(python -m hack.localcluster down --dir {owner_dir})"
                 )
         old = NodePaths(Path(owner_root))
         teardown_node(old, created_file(Path(owner_dir)) if owner_dir else old.root / "created.json")
@@ -918,7 +920,7 @@ class RealNode:
 
     def import_image(self, archive: Path) -> None:
         """Load an OCI archive (``hack/images.py``) into the node's containerd, unpacked for the CRI."""
-        import images  # hack/images.py
+        from hack import images
 
         images.import_into(self.binaries.ctr, self.paths.containerd_socket, archive)
 

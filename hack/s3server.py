@@ -23,8 +23,8 @@ Library use::
 
 CLI::
 
-    python hack/s3server.py ensure                          # build the virtualenv; print its python
-    python hack/s3server.py serve [--port 5000]             # run the server until interrupted
+    python -m hack.s3server ensure                          # build the virtualenv; print its python
+    python -m hack.s3server serve [--port 5000]             # run the server until interrupted
 
 Dependencies: the standard library (boto3 only in the ``setup`` subcommand, which runs in
 moto's virtualenv).
@@ -44,22 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-_HACK_DIR = str(Path(__file__).resolve().parent)
-if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests)
-    sys.path.append(_HACK_DIR)
-
-from procutil import (  # noqa: E402
+from hack.procutil import (
     ServerProcess,
     cache_dir,
     file_lock,
+    free_port,
     interrupt_on_signals,
     start_with_port_retries,
 )
-
-# re-exported: public helpers of this module
-from procutil import free_port as free_port  # noqa: E402
-from procutil import http_request as http  # noqa: E402
-from procutil import poll as poll  # noqa: E402
+from hack.procutil import http_request as http
 
 MOTO_VERSION = "5.2.5"
 #: moto's S3 and IAM backends and its server; not ``moto[server]``, which pulls every service's deps.
@@ -191,7 +184,8 @@ class S3Server(ServerProcess):
         allowed to read it; returns the user's access key. boto3 does it, from moto's venv."""
         argv = [
             str(self.python),
-            str(Path(__file__).resolve()),
+            "-m",
+            "hack.s3server",
             "setup",
             "--endpoint",
             self.endpoint,
@@ -204,7 +198,9 @@ class S3Server(ServerProcess):
         ]
         if upload is not None:
             argv += ["--upload", str(upload)]
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        # moto's venv runs this module too: the repository root on its path makes ``hack`` importable.
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"s3server setup failed ({out.returncode}):\n{out.stderr[-3000:]}")
         doc = json.loads(out.stdout)

@@ -19,7 +19,7 @@ Library use::
     with Azurite.start(ensure("azurite"), workdir) as az:
         sas = az.setup(container="models", upload=Path("repo"), prefix="repo")
 
-CLI: ``python hack/storage_emulators.py ensure`` (build both; print their paths).
+CLI: ``python -m hack.storage_emulators ensure`` (build both; print their paths).
 
 Dependencies: the standard library.
 """
@@ -34,11 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-_HACK_DIR = str(Path(__file__).resolve().parent)
-if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests)
-    sys.path.append(_HACK_DIR)
-
-from procutil import ServerProcess, free_port, http_request, start_with_port_retries  # noqa: E402
+from hack.procutil import ServerProcess, free_port, http_request, start_with_port_retries
 
 SCRIPT = Path(__file__).resolve().parent / "storage-emulators.sh"
 AZURITE_ACCOUNT = "devstoreaccount1"

@@ -39,8 +39,8 @@ Library use::
 
 CLI::
 
-    python hack/triton.py info                        # wheel layout, cache, env (JSON)
-    python hack/triton.py serve --model-repository DIR [--http-port 8000 ...]
+    python -m hack.triton info                        # wheel layout, cache, env (JSON)
+    python -m hack.triton serve --model-repository DIR [--http-port 8000 ...]
 
 Dependencies: the standard library (and the nvidia-pytriton wheel, located through
 ``importlib.metadata``; ``pytriton`` itself is never imported).
@@ -64,22 +64,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-_HACK_DIR = str(Path(__file__).resolve().parent)
-if _HACK_DIR not in sys.path:  # loaded from its file path under another name (tests/triton/conftest.py)
-    sys.path.append(_HACK_DIR)
-
-from procutil import (  # noqa: E402
+from hack.procutil import (
     ServerProcess,
     cache_dir,
     file_lock,
+    free_ports,
+    http_get,
     interrupt_on_signals,
     start_with_port_retries,
 )
-
-# re-exported: public helpers of this module (tests call launcher.poll)
-from procutil import free_ports as free_ports  # noqa: E402
-from procutil import http_get as http_get  # noqa: E402
-from procutil import poll as poll  # noqa: E402
 
 DIST_NAME = "nvidia-pytriton"
 STUB_NAME = "triton_python_backend_stub"

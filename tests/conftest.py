@@ -19,6 +19,7 @@ import pytest
 # tests/ has no __init__.py: make `import kube` work from every test module and import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import figures
 import kube
 from kube import Cluster, ClusterUnavailable
 
@@ -27,7 +28,10 @@ _report: list[str] = []
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cluster_dir = Path(__file__).parent / "cluster"
+    tools_dir = Path(__file__).parent / "tools"
     for item in items:
+        if tools_dir in Path(item.path).parents:
+            item.add_marker(pytest.mark.tools)
         fixtures = getattr(item, "fixturenames", ())
         if "cluster" in fixtures or "namespace" in fixtures or cluster_dir in Path(item.path).parents:
             item.add_marker(pytest.mark.cluster)
@@ -91,5 +95,5 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in _report:
+    for line in [*_report, *figures.summary_lines()]:
         terminalreporter.write_line(line)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -29,20 +28,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-HACK_DIR = REPO_ROOT / "hack"
-if str(HACK_DIR) not in sys.path:
-    sys.path.insert(0, str(HACK_DIR))
-
-import localcluster  # noqa: E402
-import realnode  # noqa: E402
-from localcluster import (  # noqa: E402
+from hack import localcluster, realnode
+from hack.localcluster import (
     FAKE_NODES,
     BinariesMissing,
     ControlPlaneError,
     FakeNode,
     LocalControlPlane,
 )
+from hack.procutil import poll
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 __all__ = [
     "BACKENDS",
@@ -101,22 +98,28 @@ def wait_for(
     Exceptions raised by ``predicate`` count as "not yet" (the last one is
     reported). On timeout raises AssertionError naming ``message`` (a string or
     a callable producing one, e.g. a dump of the object being waited on).
+    The test-side face of the one polling loop, :func:`hack.procutil.poll`.
     """
-    deadline = time.monotonic() + timeout
     last: T | None = None
     last_exc: BaseException | None = None
-    while True:
+
+    def once() -> T | None:
+        nonlocal last, last_exc
         try:
             last = predicate()
             last_exc = None
-            if last:
-                return last
         except Exception as e:
             last_exc = e
-        if time.monotonic() >= deadline:
-            detail = f"last error: {last_exc!r}" if last_exc is not None else f"last value: {last!r}"
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {_describe(message)} ({detail})")
-        time.sleep(interval)
+            return None
+        return last if last else None
+
+    try:
+        return poll(once, timeout=timeout, interval=interval)
+    except TimeoutError:
+        detail = f"last error: {last_exc!r}" if last_exc is not None else f"last value: {last!r}"
+        raise AssertionError(
+            f"timed out after {timeout:g}s waiting for {_describe(message)} ({detail})"
+        ) from None
 
 
 def hold_for(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from hack.procutil import free_port
 from kube import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "modeldeploy.io_modeldeployments.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OperatorProcess:
@@ -36,6 +30,7 @@ class OperatorProcess:
         resync_seconds: float = 30,
         extra_args: list[str] | None = None,
         verbose: bool = True,
+        python: str = sys.executable,
     ) -> None:
         self.log_dir = log_dir
         self.namespaces = namespaces
@@ -43,6 +38,9 @@ class OperatorProcess:
         self.extra_args = extra_args or []
         self.extra_env = env or {}
         self.verbose = verbose
+        # The interpreter that runs it: the test venv's by default (it has the test extras, whose
+        # Kubernetes client kopf then imports too); make bench passes a runtime-only one.
+        self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
@@ -60,7 +58,7 @@ class OperatorProcess:
             **self.extra_env,
         }
         args = [
-            sys.executable,
+            self.python,
             "-m",
             "modeldeploy",
             "operator",

@@ -30,24 +30,13 @@ from cryptography.x509.oid import NameOID
 
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
+from tritonmodels import scaler_py
 
 MODEL = "staged"
 FACTOR = 3
 CLOUD_PREFIXES = ("AWS_", "S3_", "GOOGLE_", "STORAGE_EMULATOR_HOST", "AZURE_", "SSL_CERT")
 
-MODEL_PY = f"""
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * {FACTOR})]
-            )
-            for r in requests
-        ]
-"""
+MODEL_PY = scaler_py(FACTOR)
 
 #: spec.model.config of the model (rendered into config.pbtxt when the repository has none)
 MODEL_CONFIG = {

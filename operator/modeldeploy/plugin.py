@@ -13,7 +13,8 @@ Every command is one merge patch of the ModelDeployment, so Kubernetes RBAC gove
 ``modeldeploy.io/promote|resume|abort`` to a fresh nonce that the operator acts on once;
 pause/resume set ``spec.paused``; rollback sets ``spec.rollbackTo.revision``. The
 operator does the rest. Credentials come from ``--kubeconfig``, else ``KUBECONFIG``,
-else ``~/.kube/config`` (or the in-cluster service account).
+else ``~/.kube/config`` (or the in-cluster service account). It needs the official Kubernetes
+Python client, which the operator does not: ``pip install 'modeldeploy[plugin]'``.
 """
 
 from __future__ import annotations
@@ -164,6 +165,20 @@ def describe_patch(command: str, name: str, namespace: str, revision: int | None
 # --------------------------------------------------------------------------- cluster access
 
 
+#: What a user without the official client is told: the operator does not need it, so the plain
+#: package leaves it out and the plugin's extra brings it.
+MISSING_CLIENT = (
+    "error: kubectl modeldeploy needs the Kubernetes Python client: pip install 'modeldeploy[plugin]'"
+)
+
+
+def _require_kubernetes() -> None:
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError:
+        raise SystemExit(MISSING_CLIENT) from None
+
+
 def _client(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
     """(CustomObjectsApi, the context's namespace or 'default')."""
     from kubernetes import client, config
@@ -246,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    _require_kubernetes()
     from kubernetes.client.exceptions import ApiException
 
     custom, default_ns = _client(getattr(args, "kubeconfig", None), getattr(args, "context", None))

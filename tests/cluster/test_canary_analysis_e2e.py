@@ -44,10 +44,12 @@ from typing import Any, NoReturn
 import pytest
 
 from conftest import MD, model_deployment
-from hackmods import load_hack
+from hack import prometheus
+from hack import triton as triton_launcher
 from hackmods import unavailable as _unavailable
 from kube import Cluster, hold_for, wait_for
 from modeldeploy import api, revision
+from tritonmodels import flaky_py
 
 pytestmark = pytest.mark.triton
 
@@ -72,40 +74,14 @@ output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
-MODEL_PY = """
-import triton_python_backend_utils as pb_utils
-
-FAIL_EVERY = {fail_every}
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.n = 0
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            self.n += 1
-            if FAIL_EVERY and self.n % FAIL_EVERY == 0:
-                # Raising (not an error response) is what Triton counts as a failed request.
-                raise pb_utils.TritonModelException(f"request {{self.n}} fails on purpose")
-            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x * 2)]))
-        return responses
-"""
-
 VERSIONS = {
-    1: MODEL_PY.format(fail_every=0),
-    2: MODEL_PY.format(fail_every=0),
-    3: MODEL_PY.format(fail_every=FAIL_EVERY),
+    1: flaky_py(),
+    2: flaky_py(),
+    3: flaky_py(fail_every=FAIL_EVERY),
 }
 
 
 # --------------------------------------------------------------------------- environment
-
-
-triton_launcher = load_hack("triton")
-prometheus = load_hack("prometheus")
 
 
 def unavailable(reason: str) -> NoReturn:

@@ -13,7 +13,7 @@
   creates are all admitted in namespaces that enforce it.
 
 Static checks of the same chart (lint, rendered shapes, rule lists) are in
-tests/unit/test_chart_render.py.
+tests/tools/test_chart_render.py.
 """
 
 from __future__ import annotations

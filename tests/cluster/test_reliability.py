@@ -51,21 +51,20 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+import figures
 import modeldeploy.kube  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
 from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, ready_on, running_operator
+from hack.localcluster import node_schedulable
 from kube import Cluster, hold_for, unique_name, wait_for
-from localcluster import node_schedulable
 from operator_proc import OperatorProcess
 
 OP_USER = "modeldeploy-reliability"
 IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
 REV_ANNOTATION = "modeldeploy.io/revision-number"
-FIGURES: dict[str, str] = {}
 
 
 def figure(name: str, value: str) -> None:
-    FIGURES[name] = value
-    print(f"\n[figure] {name}: {value}", flush=True)
+    figures.figure("reliability figures", name, value)
 
 
 @pytest.fixture(autouse=True)
@@ -1417,12 +1416,3 @@ def test_apiserver_restart_mid_rollout(cluster: Cluster, relop: OperatorProcess,
         interval=0.5,
         message="every node Ready and schedulable again",
     )
-
-
-def test_zz_report_figures() -> None:
-    """Prints the figures measured above (pytest -s)."""
-    if not FIGURES:
-        pytest.skip("no figures recorded")
-    print("\nreliability figures:")
-    for name, value in FIGURES.items():
-        print(f"  {name}: {value}")

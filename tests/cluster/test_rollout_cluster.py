@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+import figures
 from conftest import MD, fresh_namespace, model_deployment, ready_on, running_operator
 from kube import Cluster, hold_for, wait_for
 from operator_proc import OperatorProcess
@@ -211,7 +212,7 @@ class _Violation(BaseException):
 
 def record(name: str, seconds: float) -> None:
     TIMINGS[name] = seconds
-    print(f"\n[timing] {name}: {seconds:.2f}s", flush=True)
+    figures.figure("rollout timings", name, f"{seconds:.2f}s")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -903,15 +904,3 @@ def test_paused_rollout_stays_paused_across_a_restart(
     st = ready_on(md, 2)
     assert md.get()["spec"]["paused"] is False
     assert [h["outcome"] for h in st["history"]] == ["Superseded", "Serving"]
-
-
-# --------------------------------------------------------------------------- report
-
-
-def test_zz_report_timings() -> None:
-    """Prints the timings measured above (pytest -s)."""
-    if not TIMINGS:
-        pytest.skip("no timings recorded")
-    print("\nrollout timings:")
-    for name, seconds in TIMINGS.items():
-        print(f"  {name:<60} {seconds:6.2f}s")

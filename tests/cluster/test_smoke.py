@@ -15,7 +15,7 @@ import pytest
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-import localcluster
+from hack import localcluster
 from kube import Cluster, condition, hold_for, pod_is_ready, unique_name, wait_for
 
 pytestmark = pytest.mark.cluster

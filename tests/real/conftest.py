@@ -16,13 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from realtier import FIGURES, figure, realnode, unavailable
+from realtier import figure, realnode, unavailable
 
 import kube
-from hackmods import load_hack
 from kube import Cluster, ClusterUnavailable
 
 
@@ -34,11 +32,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # test_lifecycle.py first whatever the file names sort as (test_chaos_real.py sorts before it):
     # its own clusters must be up and down before the session cluster takes the host's real node.
     items.sort(key=lambda item: Path(item.path).name != "test_lifecycle.py")
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in FIGURES:
-        terminalreporter.write_line(f"real node: {line}")
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +62,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def images(cluster: Cluster) -> dict[str, str]:
     """name -> reference of the locally built images, imported into the real node's containerd."""
-    builder = load_hack("images")
+    from hack import images as builder
+
     assert cluster.control_plane is not None
     refs: dict[str, str] = {}
     for name in ("operator", "triton"):

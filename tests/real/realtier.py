@@ -10,21 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hackmods import load_hack
+import figures
+from hack import realnode
 from hackmods import unavailable as _unavailable
 
 REQUIRED_BY = ("MODELDEPLOY_REQUIRE_CLUSTER", "MODELDEPLOY_REQUIRE_REAL_NODE")
 
-realnode = load_hack("realnode")
-
-
-FIGURES: list[str] = []
-
 
 def figure(name: str, value: str) -> None:
     """A measurement of the real tier, printed in the terminal summary (and at once with -s)."""
-    FIGURES.append(f"{name}: {value}")
-    print(f"\n[figure] {name}: {value}", flush=True)
+    figures.figure("real node", name, value)
 
 
 def unavailable(reason: str) -> None:
@@ -72,7 +67,8 @@ def operator_process(workdir: Path, namespaces: list[str], stager_image: str) ->
 def s3_on_node(workdir: Path) -> Iterator[Any]:
     """A real S3 server (moto) on the node IP, where pods reach it; the tier's reason when moto
     cannot be had."""
-    s3server = load_hack("s3server")
+    from hack import s3server
+
     try:
         python = s3server.ensure_moto()
     except s3server.S3ServerUnavailable as err:

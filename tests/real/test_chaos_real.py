@@ -44,11 +44,9 @@ from realtier import figure, realnode, unavailable
 from test_traffic import manifest
 from traffic import TIMEOUT
 
-from hackmods import load_hack
+from hack import s3server
 from kube import REPO_ROOT, Cluster, pod_is_ready, wait_for
 from operator_proc import OperatorProcess, install_crd
-
-s3server = load_hack("s3server")
 
 CHART = REPO_ROOT / "charts" / "modeldeploy-operator"
 PREFIX = "chaos"

@@ -20,16 +20,15 @@ from realtier import on_real_node, realnode, unavailable
 
 from kube import REPO_ROOT, wait_for
 
-LOCALCLUSTER = REPO_ROOT / "hack" / "localcluster.py"
-
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(LOCALCLUSTER), *args],
+        [sys.executable, "-m", "hack.localcluster", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        cwd=REPO_ROOT,  # where `python -m hack.<module>` finds the package, as make does
     )
 
 

@@ -41,11 +41,9 @@ from realtier import figure, on_real_node, operator_process, s3_on_node, s3_secr
 from routed import routed
 from traffic import Traffic, describe_failures, failures, versions
 
-from hackmods import load_hack
+from hack import prometheus
 from kube import Cluster, wait_for
 from operator_proc import OperatorProcess, install_crd
-
-prometheus = load_hack("prometheus")
 
 NS_PREFIX = "analysis"
 BUCKET = "analysis"

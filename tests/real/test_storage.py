@@ -27,7 +27,8 @@ import pytest
 import tritonclient.http as httpclient
 from realtier import figure, on_real_node, realnode, unavailable
 
-from hackmods import load_hack
+from hack import s3server
+from hack import storage_emulators as emulators
 from kube import Cluster, wait_for
 from operator_proc import OperatorProcess, install_crd
 from storagekit import (
@@ -40,9 +41,6 @@ from storagekit import (
     write_archive,
     write_repo,
 )
-
-s3server = load_hack("s3server")
-emulators = load_hack("storage_emulators")
 
 
 @pytest.fixture(scope="module")

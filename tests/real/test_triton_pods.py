@@ -18,38 +18,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from realtier import figure, on_real_node, realnode, unavailable
 
-from hackmods import load_hack
+from hack import s3server
 from kube import Cluster, pod_is_ready, wait_for
 from operator_proc import OperatorProcess, install_crd
-
-s3server = load_hack("s3server")
+from tritonmodels import broken_py, scaler_py
 
 MODEL = "doubler"
 FACTOR = 2.0
-MODEL_PY = f"""
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        out = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
-            y = (x * {FACTOR}).astype(np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y)]))
-        return out
-"""
-
-
-BROKEN_MODEL_PY = """
-class TritonPythonModel:
-    def initialize(self, args):
-        raise RuntimeError("weights file is corrupt (test)")
-
-    def execute(self, requests):
-        return []
-"""
+MODEL_PY = scaler_py(FACTOR, output="OUT")
+BROKEN_MODEL_PY = broken_py("weights file is corrupt (test)")
 
 
 def write_model(root: Any, source: str) -> Any:

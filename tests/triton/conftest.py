@@ -14,14 +14,11 @@ from typing import Any, NoReturn, Protocol
 
 import pytest
 
-from hackmods import load_hack
+from hack import triton as launcher
 from hackmods import unavailable as _unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRE_ENV = "MODELDEPLOY_REQUIRE_TRITON"
-
-
-launcher = load_hack("triton")
 
 
 def unavailable(reason: str) -> NoReturn:

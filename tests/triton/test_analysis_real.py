@@ -32,9 +32,12 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from hackmods import load_hack, unavailable
+from hack import prometheus
+from hack.procutil import poll
+from hackmods import unavailable
 from modeldeploy import api
 from modeldeploy.analysis import PrometheusSource, ScrapeSource, Target, TritonAnalysis, window
+from tritonmodels import flaky_py
 
 pytestmark = pytest.mark.triton
 
@@ -53,36 +56,10 @@ output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
-MODEL_PY = """
-import time
-
-import triton_python_backend_utils as pb_utils
-
-FAIL_EVERY = {fail_every}
-SLEEP = {sleep}
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.n = 0
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            self.n += 1
-            if SLEEP:
-                time.sleep(SLEEP)
-            if FAIL_EVERY and self.n % FAIL_EVERY == 0:
-                raise pb_utils.TritonModelException(f"request {{self.n}} fails on purpose")
-            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x * 2)]))
-        return responses
-"""
-
 VERSIONS = {
-    1: MODEL_PY.format(fail_every=0, sleep=0),
-    2: MODEL_PY.format(fail_every=FAIL_EVERY, sleep=0),
-    3: MODEL_PY.format(fail_every=0, sleep=SLOW_SECONDS),
+    1: flaky_py(),
+    2: flaky_py(fail_every=FAIL_EVERY),
+    3: flaky_py(sleep=SLOW_SECONDS),
 }
 
 MD: dict[str, Any] = {
@@ -90,9 +67,6 @@ MD: dict[str, Any] = {
     "status": {"history": [{"hash": f"r{v}", "modelVersion": v} for v in VERSIONS]},
 }
 STATE = api.RolloutState(state="Progressing", step=0, stable_revision=1, candidate_revision=2)
-
-
-prometheus = load_hack("prometheus")
 
 
 class ManualClock:
@@ -109,7 +83,6 @@ class ManualClock:
 class Stack:
     server: Any
     prom: Any
-    launcher: ModuleType
     sent: int = 0
     client: httpclient.InferenceServerClient = field(init=False)
 
@@ -153,13 +126,13 @@ class Stack:
 
     def sync(self, kind: str) -> None:
         """Until every request sent is counted by Triton (and, for Prometheus, scraped)."""
-        self.launcher.poll(
+        poll(
             lambda: True if self._live_total() == self.sent else None,
             timeout=30,
             what=f"tritonserver to count {self.sent} requests",
         )
         if kind == "prometheus":
-            self.launcher.poll(
+            poll(
                 lambda: True if self._prom_total() == self.sent else None,
                 timeout=30,
                 interval=0.2,
@@ -216,7 +189,7 @@ def stack(
             f"\n{prometheus.version(prometheus_binary)}: ready in {prom.ready_seconds:.2f}s, target up after "
             f"{time.monotonic() - started:.2f}s; tritonserver ready in {server.ready_seconds:.2f}s"
         )
-        s = Stack(server, prom, triton_launcher)
+        s = Stack(server, prom)
         for version in VERSIONS:  # first requests are slow (backend warm-up): before any window
             s.infer(version, 1)
         yield s
@@ -377,11 +350,11 @@ def test_sources_agree_and_prometheus_selects_by_revision_label(
                 )
             )
 
-        stack.launcher.poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
+        poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
         start = asyncio.run(snaps())
         stack.infer(2, 12)
         stack.sync("prometheus")
-        stack.launcher.poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
+        poll(in_sync, timeout=30, interval=0.2, what="both prometheus instances in sync")
 
         def all_caught_up() -> list[Any] | None:
             # The revision-labelled Prometheus scrapes on its own schedule: poll until it has the last scrape.
@@ -389,7 +362,7 @@ def test_sources_agree_and_prometheus_selects_by_revision_label(
             got = [window(s, e).requests for s, e in zip(start[:3], snap[:3], strict=True)]
             return snap if len(set(got)) == 1 else None
 
-        end = stack.launcher.poll(all_caught_up, timeout=30, interval=0.5, what="all sources see it")
+        end = poll(all_caught_up, timeout=30, interval=0.5, what="all sources see it")
 
     assert len(end[2].series) == 1  # revision bbb, version 2: one series though the server is scraped twice
     assert len(end[3].series) == len(VERSIONS)  # revision aaa, every version

@@ -30,9 +30,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from hackmods import load_hack, unavailable
+from hack import s3server
+from hackmods import unavailable
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
+from tritonmodels import scaler_py
 
 pytestmark = pytest.mark.triton
 
@@ -40,22 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "staged"
 FACTOR = 3
 
-MODEL_PY = f"""
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * {FACTOR})]
-            )
-            for r in requests
-        ]
-"""
-
-
-s3server = load_hack("s3server")
+MODEL_PY = scaler_py(FACTOR)
 
 
 def rendered_config() -> str:

@@ -34,7 +34,9 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from hackmods import load_hack, unavailable
+from hack import s3server
+from hack import storage_emulators as emulators
+from hackmods import unavailable
 from storagekit import (
     FACTOR,
     MODEL,
@@ -49,8 +51,6 @@ from storagekit import (
 
 pytestmark = pytest.mark.triton
 
-s3server = load_hack("s3server")
-emulators = load_hack("storage_emulators")
 
 FIGURES: list[str] = []
 

@@ -17,8 +17,10 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from hack.procutil import poll
 from modeldeploy import api
 from modeldeploy.tritonconfig import render_config_pbtxt
+from tritonmodels import scaler_py
 
 pytestmark = pytest.mark.triton
 
@@ -50,23 +52,6 @@ class TritonPythonModel:
         return responses
 """
 
-#: Y = X * FACTOR, one model.py per version directory.
-SCALER_PY = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-FACTOR = {factor}
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "{input}").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("{output}", x * FACTOR)]))
-        return responses
-"""
-
 ADD_ONE_PY = """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -91,10 +76,6 @@ def model_spec(fmt: str, version: int, config: dict[str, Any]) -> api.ModelSpec:
     return api.ModelSpec.model_validate(
         {"format": fmt, "storageUri": "pvc://models/repository", "version": version, "config": config}
     )
-
-
-def scaler_py(factor: int, inp: str = "X", out: str = "Y") -> str:
-    return SCALER_PY.format(factor=factor, input=inp, output=out)
 
 
 def metric(server: Any, name: str, **labels: str) -> float | None:
@@ -133,7 +114,7 @@ def infer_http(
 
 
 def test_rendered_python_model_serves_and_is_counted(
-    triton_server: Any, model_repo: Path, write_model: Any, triton_launcher: ModuleType
+    triton_server: Any, model_repo: Path, write_model: Any
 ) -> None:
     spec = model_spec(
         "python",
@@ -179,7 +160,7 @@ def test_rendered_python_model_serves_and_is_counted(
         got = infer_http(server, "adder", {"A": a, "B": b}, "SUM")
         np.testing.assert_allclose(got, a + b + 0.5)
 
-    triton_launcher.poll(
+    poll(
         lambda: True if metric(server, "nv_inference_request_success", **labels) == requests else None,
         timeout=30,
         what=f"nv_inference_request_success{labels} == {requests}",
@@ -192,7 +173,7 @@ def test_rendered_python_model_serves_and_is_counted(
     bad = np.full((1, 4), np.nan, dtype=np.float32)
     with pytest.raises(InferenceServerException, match="A contains NaN"):
         infer_http(server, "adder", {"A": bad, "B": bad}, "SUM")
-    triton_launcher.poll(
+    poll(
         lambda: (
             True if metric(server, "nv_inference_request_failure", **labels, reason="BACKEND") == 1 else None
         ),
@@ -248,9 +229,7 @@ def test_pinned_version_missing_from_repository_fails_loudly(
     assert "version 3 is specified for model 'scaler', but the version directory is not present" in log
 
 
-def test_rendered_ensemble_runs_its_steps(
-    triton_server: Any, model_repo: Path, write_model: Any, triton_launcher: ModuleType
-) -> None:
+def test_rendered_ensemble_runs_its_steps(triton_server: Any, model_repo: Path, write_model: Any) -> None:
     step_config = {"maxBatchSize": 4, "instanceGroups": [{"kind": "KIND_CPU", "count": 1}]}
     double = model_spec("python", 1, {**step_config, "inputs": [fp32("X", 3)], "outputs": [fp32("Y", 3)]})
     add_one = model_spec("python", 1, {**step_config, "inputs": [fp32("Y", 3)], "outputs": [fp32("Z", 3)]})
@@ -282,7 +261,7 @@ def test_rendered_ensemble_runs_its_steps(
     x = np.array([[1.0, -2.0, 0.25], [3.0, 4.0, 5.0]], dtype=np.float32)
     np.testing.assert_allclose(infer_http(server, "pipeline", {"IN": x}, "OUT"), x * 2 + 1)
 
-    triton_launcher.poll(
+    poll(
         lambda: (
             True
             if metric(server, "nv_inference_request_success", model="pipeline", version="1") == 1

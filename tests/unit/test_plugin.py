@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -193,3 +194,23 @@ def test_describe_patch() -> None:
     assert plugin.describe_patch("promote", "m", "ns").startswith(
         "modeldeployment.modeldeploy.io/m promotion"
     )
+
+
+def test_without_the_kubernetes_client_the_plugin_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The operator's runtime set leaves the official client out; a None entry makes its import fail
+    # as it does where it is not installed.
+    for name in [m for m in sys.modules if m == "kubernetes" or m.startswith("kubernetes.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "kubernetes", None)
+    with pytest.raises(SystemExit) as exc:
+        plugin.main(["status", "m", "-n", "ns1"])
+    assert exc.value.code == "error: kubectl modeldeploy needs the Kubernetes Python client: " + (
+        "pip install 'modeldeploy[plugin]'"
+    )
+    # Parsing comes first: a wrong command line is answered as such, client or not.
+    with pytest.raises(SystemExit) as bad:
+        plugin.main(["explode"])
+    assert bad.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for kube.py)
-
 import kube
-import localcluster as lc
+from hack import localcluster as lc
+from hack.procutil import free_ports
 
 # --------------------------------------------------------------------------------------------------
 # Fake nodes
@@ -317,7 +315,7 @@ def test_component_flags(tmp_path: Path) -> None:
 
 
 def test_free_ports_are_distinct() -> None:
-    ports = lc.free_ports(6)
+    ports = free_ports(6)
     assert len(set(ports)) == 6
 
 

@@ -6,7 +6,7 @@ Prints one line per attempt: the repository URI, the environment given, and whet
 became ready (and when) or what happened instead. docs/storage.md quotes its results; they are
 why every scheme is staged by the init container (builders.repository_path).
 
-Usage: .venv/bin/python hack/measure-triton-storage.py [--wait 40]
+Usage: .venv/bin/python -m hack.measure_triton_storage [--wait 40]
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import s3server
-import storage_emulators
-import triton
-from procutil import free_port, http_get, log_tail
+from hack import s3server, storage_emulators, triton
+from hack.procutil import free_port, http_get, log_tail
 
 CONFIG = """backend: "python"
 max_batch_size: 0

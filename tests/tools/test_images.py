@@ -18,12 +18,14 @@ from typing import Any
 
 import pytest
 
-from hackmods import REPO_ROOT, load_hack
+from hackmods import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def images() -> ModuleType:
-    return load_hack("images")
+    from hack import images
+
+    return images
 
 
 # --------------------------------------------------------------------------- OCI archive writer
@@ -321,6 +323,15 @@ def test_ref_follows_the_pinned_requirements(
     before = images.ref("operator", project)
     monkeypatch.setattr(images, "pinned_requirements", lambda _project: [*pins, "extra-pkg==1.0"])
     assert images.ref("operator", project) != before
+
+
+def test_the_operator_image_has_no_kubernetes_client_library(images: ModuleType) -> None:
+    # kopf imports whichever of these is installed (10 MiB of RSS at start for the official client); the
+    # operator uses none, and only the plugin's and the tests' extras bring one.
+    pins = images.pinned_requirements(REPO_ROOT)
+    names = {p.split("==")[0] for p in pins}
+    assert "kopf" in names
+    assert not names & {"kubernetes", "kubernetes-asyncio", "pykube-ng", "pykube", "tritonclient"}, pins
 
 
 def test_ref_follows_the_recipe(images: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,9 @@ CRD_DIR = ROOT / "crds"
 KUBE_VERSION = "1.35.4"
 RELEASE, NAMESPACE = "md", "modeldeploy-system"
 
-sys.path.insert(0, str(ROOT / "hack"))
-
 
 def _helm() -> str:
-    import localcluster
+    from hack import localcluster
 
     try:
         return str(localcluster.Binaries.locate().helm)

@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from hackmods import load_hack
-
-realnode = load_hack("realnode")
+from hack import realnode
 
 
 def paths(tmp_path: Path) -> object:
