@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import localcluster  # noqa: E402
 from kube import Cluster  # noqa: E402
 from operator_proc import OperatorProcess, install_crd  # noqa: E402
 
+AuditPosition = tuple[int, int]  # (inode, byte offset) in the audit log
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
 OPERATOR_USER = "modeldeploy-operator"
 
@@ -274,11 +275,11 @@ class Bench:
         """Delete a namespace and wait until it is gone, so later figures see only what they create."""
         self.cluster.delete_namespace(name, wait=True, timeout=600)
 
-    def operator_write_kinds(self, since: int) -> list[str]:
-        """The operator's API writes after byte offset ``since`` of the audit log, each as
+    def operator_write_kinds(self, since: AuditPosition) -> list[str]:
+        """The operator's API writes after ``since`` in the audit log, each as
         "verb resource[/subresource]"."""
         out = []
-        for ev in localcluster.iter_audit_events(self.cp.audit_log, since):
+        for ev in self.audit_events(since):
             if ev.get("user", {}).get("username") == OPERATOR_USER:
                 ref = ev.get("objectRef") or {}
                 sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
@@ -480,22 +481,42 @@ class Bench:
             out[name] = (int(fields[11]) + int(fields[12])) / tick
         return out
 
-    def audit_position(self) -> int:
-        return self.cp.audit_log.stat().st_size if self.cp.audit_log.exists() else 0
+    def audit_position(self) -> AuditPosition:
+        """Where the audit log ends now: (inode, size) of the current file."""
+        try:
+            st = self.cp.audit_log.stat()
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_ino, st.st_size)
 
-    def writes_by_identity(self, since: int, namespace: str) -> dict[str, int]:
-        """API writes in ``namespace`` after byte offset ``since`` of the audit log, by client identity."""
+    def audit_events(self, since: AuditPosition) -> Iterator[dict[str, Any]]:
+        """Audit events written after ``since``, across a rotation: the API server's log writer
+        (lumberjack) renames the file at 100 MB even with --audit-log-maxsize=0, which a burst of 1000
+        passes (its writes went missing from the figures before). The renamed files keep their inode."""
+        inode, offset = since
+        log = self.cp.audit_log
+        files = sorted(log.parent.glob(f"{log.stem}*{log.suffix}"), key=lambda p: p.stat().st_mtime)
+        started = inode == 0
+        for path in files:
+            st = path.stat()
+            if not started and st.st_ino != inode:
+                continue
+            yield from localcluster.iter_audit_events(path, 0 if started else offset)
+            started = True
+
+    def writes_by_identity(self, since: AuditPosition, namespace: str) -> dict[str, int]:
+        """API writes in ``namespace`` after ``since`` in the audit log, by client identity."""
         counts = Counter(
             ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
-            for ev in localcluster.iter_audit_events(self.cp.audit_log, since)
+            for ev in self.audit_events(since)
             if (ev.get("objectRef") or {}).get("namespace") == namespace
         )
         return dict(counts.most_common())
 
-    def writes_detail(self, since: int, namespace: str) -> dict[str, dict[str, int]]:
+    def writes_detail(self, since: AuditPosition, namespace: str) -> dict[str, dict[str, int]]:
         """The same writes, per identity, as "verb resource[/subresource]"."""
         out: dict[str, Counter[str]] = {}
-        for ev in localcluster.iter_audit_events(self.cp.audit_log, since):
+        for ev in self.audit_events(since):
             ref = ev.get("objectRef") or {}
             if ref.get("namespace") != namespace:
                 continue
