@@ -16,13 +16,14 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from . import api, builders, kopfpatch, metrics
 from .analysis import TritonAnalysis
-from .kube import Kube
+from .kube import EventSink, Kube
 from .leader import LeaderElector
 from .reconcile import Cache, Reconciler
 from .workqueue import WorkQueue
@@ -46,6 +47,7 @@ class Operator:
     def __init__(self) -> None:
         self.cache = Cache()
         self.kube: Kube | None = None
+        self.events: EventSink | None = None
         self.reconciler: Reconciler | None = None
         self.queue: WorkQueue | None = None
         self.resync_task: asyncio.Task[None] | None = None
@@ -89,12 +91,11 @@ async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInf
 
 
 async def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Queued, not awaited: posting Events is best-effort (the status carries the same facts), and a
+    reconcile need not wait for it."""
     metrics.observe_event(body, reason)
-    assert OP.kube is not None
-    try:
-        await OP.kube.post_event(body, type_, reason, message)
-    except Exception as exc:  # posting Events is best-effort; the status carries the same facts
-        log.warning("could not post event %s for %s: %s", reason, body["metadata"].get("name"), exc)
+    assert OP.events is not None
+    OP.events.post(body, type_, reason, message)
 
 
 def _pod_ips(namespace: str, revision_hash: str) -> list[str]:
@@ -159,6 +160,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if os.environ.get("MODELDEPLOY_DISABLE_CLUSTER_SCANNING", "").lower() in ("1", "true", "yes"):
         settings.scanning.disabled = True  # namespaced RBAC: no namespace listing, no CRD watch
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
+    OP.events = EventSink(OP.kube.post_event)
     OP.analysis = analysis = TritonAnalysis(
         pods_for=_pod_ips, default_prometheus_url=os.environ.get("MODELDEPLOY_PROMETHEUS_URL") or None
     )
@@ -211,8 +213,39 @@ async def cleanup(**_: Any) -> None:
         OP.election_task.cancel()
     if OP.queue is not None:
         await OP.queue.stop()
+    if OP.events is not None:
+        await OP.events.close()
     if OP.kube is not None:
         await OP.kube.close()
+
+
+#: What a reconcile reads of ``managedFields``: whether our apply owns a Deployment's replicas
+#: (``reconcile._owns_replicas``).
+_OWNS_REPLICAS = {
+    "manager": builders.MANAGER,
+    "operation": "Apply",
+    "fieldsV1": {"f:spec": {"f:replicas": {}}},
+}
+
+
+def for_cache(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """A watched object as the watch cache gets it: with ``kind``, and of ``managedFields`` only the one
+    fact a reconcile reads there. The cache keeps our own Apply entry whole, and its field set alone
+    was a third of the cache at 1000 ModelDeployments (1000 Deployments and 3000 Services: 65 MiB
+    with it, 40 without, in a tracemalloc count of the same objects)."""
+    obj = dict(body)
+    obj.setdefault("kind", kind)
+    meta = obj.get("metadata") or {}
+    managed = meta.get("managedFields")
+    if managed is not None:
+        owns = any(
+            m.get("manager") == builders.MANAGER
+            and m.get("operation") == "Apply"
+            and "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})
+            for m in managed
+        )
+        obj["metadata"] = {**meta, "managedFields": [_OWNS_REPLICAS] if owns else []}
+    return obj
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -223,12 +256,12 @@ async def modeldeployment_event(
     if event.get("type") == "DELETED":
         OP.cache.delete(api.KIND, namespace, name)
         metrics.forget(namespace, name)
+        if OP.queue is not None:
+            OP.queue.forget((namespace, name))
         if OP.analysis is not None:
             OP.analysis.forget(namespace, name)
         return
-    obj = dict(body)
-    obj.setdefault("kind", api.KIND)
-    OP.cache.put(obj)
+    OP.cache.put(for_cache(body, api.KIND))
     if OP.queue is not None:
         OP.queue.add((namespace, name))
 
@@ -250,9 +283,7 @@ def _register_child(group: str, version: str, plural: str) -> None:
         if event.get("type") == "DELETED":
             OP.cache.delete(kind, namespace, name)
         else:
-            obj = dict(body)
-            obj.setdefault("kind", kind)
-            OP.cache.put(obj)
+            OP.cache.put(for_cache(body, kind))
         owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_NAME)
         if owner and OP.queue is not None:
             OP.queue.add((namespace, owner))

@@ -1,0 +1,77 @@
+"""What the watch handlers put into the cache (modeldeploy.handlers.for_cache)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from modeldeploy import builders
+from modeldeploy.handlers import for_cache
+from modeldeploy.reconcile import Cache, _owns_replicas
+
+
+def deployment(*managed: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "metadata": {
+            "name": "d",
+            "namespace": "ns",
+            "resourceVersion": "7",
+            "labels": {builders.LABEL_NAME: "m"},
+            "managedFields": list(managed),
+        },
+        "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "c"}]}}},
+        "status": {"readyReplicas": 2},
+    }
+
+
+OURS_WITH_REPLICAS = {
+    "manager": builders.MANAGER,
+    "operation": "Apply",
+    "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {"f:spec": {"f:containers": {}}}}},
+}
+OURS_WITHOUT = {
+    "manager": builders.MANAGER,
+    "operation": "Apply",
+    "fieldsV1": {"f:spec": {"f:template": {"f:spec": {"f:containers": {}}}}},
+}
+CONTROLLER = {
+    "manager": "kube-controller-manager",
+    "operation": "Update",
+    "subresource": "status",
+    "fieldsV1": {"f:status": {"f:readyReplicas": {}}},
+}
+HPA_OWNS_REPLICAS = {"manager": "hpa", "operation": "Update", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+
+
+def test_for_cache_keeps_only_whether_our_apply_owns_replicas() -> None:
+    for managed, owns in (
+        ((OURS_WITH_REPLICAS, CONTROLLER), True),
+        ((OURS_WITHOUT, CONTROLLER, HPA_OWNS_REPLICAS), False),
+        ((CONTROLLER,), False),
+        ((), False),
+    ):
+        body = deployment(*copy.deepcopy(managed))
+        original = copy.deepcopy(body)
+        obj = for_cache(body, "Deployment")
+        assert body == original  # the watch event's body is not modified
+        assert obj["kind"] == "Deployment"
+        assert _owns_replicas(obj) is owns is _owns_replicas(body)
+        assert len(obj["metadata"]["managedFields"]) == int(owns)
+        assert {k: v for k, v in obj.items() if k not in ("kind", "metadata")} == {
+            k: v for k, v in body.items() if k != "metadata"
+        }
+        assert {k: v for k, v in obj["metadata"].items() if k != "managedFields"} == {
+            k: v for k, v in body["metadata"].items() if k != "managedFields"
+        }
+        cache = Cache()
+        cache.put(obj)
+        cached = cache.get("Deployment", "ns", "d")
+        assert cached is not None and _owns_replicas(cached) is owns
+        assert cache.owned("Deployment", "ns", "m") == [cached]
+
+
+def test_for_cache_leaves_an_object_without_managed_fields_as_it_is() -> None:
+    body = {"metadata": {"name": "s", "namespace": "ns"}, "spec": {"ports": []}}
+    assert for_cache(body, "Service") == {**body, "kind": "Service"}
+    assert for_cache({**body, "kind": "Service"}, "Pod")["kind"] == "Service"
