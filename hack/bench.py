@@ -428,6 +428,7 @@ class Bench:
         for tl in timelines:
             tl.synced.wait(30)
         cpu0, audit0, metrics0 = self.cpu_seconds(), self.audit_position(), self.apiserver_metrics()
+        reconciles0 = self.reconciles()
         applied: dict[str, float] = {}
         prefix = "b" if final == "md_ready" else "f"
 
@@ -459,12 +460,19 @@ class Bench:
             "writes": self.writes_by_identity(audit0, ns),
             "writes_detail": self.writes_detail(audit0, ns),
             "apiserver": metrics_delta(metrics0, metrics1),
+            "reconciles": self.reconciles() - reconciles0,
         }
         for tl in timelines:
             tl.join(10)
         if not keep:
             self.delete_namespace(ns)
         return out
+
+    def reconciles(self) -> float:
+        """Reconciles the operator has run (its own counter), successful or not."""
+        return self.op.metric("modeldeploy_reconciles_total") + self.op.metric(
+            "modeldeploy_reconcile_errors_total"
+        )
 
     def cpu_seconds(self) -> dict[str, float]:
         """user+system CPU seconds of every control-plane process and of the operator."""
@@ -699,7 +707,7 @@ def report(results: dict[str, Any]) -> None:
             print(f"{'':<21}stages p50/p99 s: {stages}")
             cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(b["cpu_s"].items(), key=lambda kv: -kv[1]))
             writes = ", ".join(f"{k} {v}" for k, v in b["writes"].items())
-            print(f"{'':<21}CPU seconds: {cpu}")
+            print(f"{'':<21}CPU seconds: {cpu}; operator reconciles: {b['reconciles']:.0f}")
             print(f"{'':<21}API writes: {writes}")
             api = b.get("apiserver", {})
             watch = ", ".join(
