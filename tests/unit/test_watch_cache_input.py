@@ -75,3 +75,40 @@ def test_for_cache_leaves_an_object_without_managed_fields_as_it_is() -> None:
     body = {"metadata": {"name": "s", "namespace": "ns"}, "spec": {"ports": []}}
     assert for_cache(body, "Service") == {**body, "kind": "Service"}
     assert for_cache({**body, "kind": "Service"}, "Pod")["kind"] == "Service"
+
+
+def test_for_cache_shares_keys_and_short_strings_across_objects() -> None:
+    import json
+
+    def decoded(i: int) -> dict[str, Any]:  # each event is decoded on its own, as kopf does
+        return dict(
+            json.loads(
+                json.dumps(
+                    {
+                        "metadata": {"name": f"svc-{i}", "namespace": "ns", "labels": {"tier": "serving"}},
+                        "spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 8000}]},
+                        "status": {"message": "x" * 100},
+                    }
+                )
+            )
+        )
+
+    a, b = for_cache(decoded(1), "Service"), for_cache(decoded(2), "Service")
+    assert a == {**decoded(1), "kind": "Service"} and b == {**decoded(2), "kind": "Service"}
+    assert next(iter(a["spec"]["ports"][0])) is next(iter(b["spec"]["ports"][0]))  # the key "name"
+    assert a["spec"]["ports"][0]["protocol"] is b["spec"]["ports"][0]["protocol"]
+    assert a["metadata"]["labels"]["tier"] is b["metadata"]["labels"]["tier"]
+    assert a["status"]["message"] is not b["status"]["message"]  # long strings are left alone
+    pod = {"metadata": {"name": "p"}, "status": {"phase": "Running"}}
+    assert for_cache(pod, "Pod")["status"] is pod["status"]  # pods: the cache trims them itself
+
+
+def test_for_cache_takes_the_deepest_object_the_api_server_accepts() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(9_990):
+        node["a"] = {}
+        node = node["a"]
+    body = {"metadata": {"name": "m", "namespace": "ns"}, "spec": {"server": {"affinity": deep}}}
+    obj = for_cache(body, "ModelDeployment")
+    assert obj["spec"]["server"]["affinity"] == deep
