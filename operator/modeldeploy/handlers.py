@@ -158,6 +158,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
+    # kopf runs a worker per watched object, which holds that object's last event until it has been
+    # idle this long (default 5 s): in a burst, thousands of full bodies at once. 400 ModelDeployments
+    # at once: operator peak RSS 111 -> 99 MiB, CPU and time unchanged within noise.
+    settings.queueing.idle_timeout = 0.5
     if os.environ.get("MODELDEPLOY_DISABLE_CLUSTER_SCANNING", "").lower() in ("1", "true", "yes"):
         settings.scanning.disabled = True  # namespaced RBAC: no namespace listing, no CRD watch
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
