@@ -4,7 +4,9 @@ The operator runs as a subprocess with its own client identity, so the API serve
 attributes every write to it. Prints:
   - create latency p50/p99 (ModelDeployment applied -> children present and status observed),
     beside the floor: the same writes issued directly by a plain client, in the same run;
-  - burst: N ModelDeployments applied at once -> all Ready;
+  - burst: N ModelDeployments applied at once -> all Ready, and each one's own apply -> Ready latency
+    (p50/p99) with the stages it waited in, beside the floor: the same children written at once by a
+    plain client (each Deployment's apply -> available);
   - steady state: operator API writes per minute with N idle ModelDeployments;
   - operator peak RSS at N;
   - rollback reaction: candidate failure visible in the API -> traffic back on stable.
@@ -21,8 +23,10 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from hack import localcluster, runtimeenv  # noqa: E402
 from kube import Cluster  # noqa: E402
 from operator_proc import OperatorProcess, install_crd  # noqa: E402
 
+AuditPosition = tuple[int, int]  # (inode, byte offset) in the audit log
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "modeldeployments"
 OPERATOR_USER = "modeldeploy-operator"
 
@@ -55,6 +60,181 @@ def md_body(name: str, version: int = 1, **spec: Any) -> dict[str, Any]:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def owner_label(obj: dict[str, Any]) -> str | None:
+    return (obj["metadata"].get("labels") or {}).get("modeldeploy.io/name")
+
+
+def deployment_available(dep: dict[str, Any]) -> bool:
+    return bool((dep.get("status") or {}).get("readyReplicas", 0) >= 1)
+
+
+def pod_scheduled(pod: dict[str, Any]) -> bool:
+    return bool((pod.get("spec") or {}).get("nodeName"))
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+class Timeline(threading.Thread):
+    """One list, then a watch from its resourceVersion (raw JSON), in a thread of its own: the first
+    time (this process's monotonic clock) each object, keyed by ``key``, meets each of ``marks``.
+
+    Polling a list of 1000 objects every half second would cost the API server, and this process, more
+    than the operator under test; a watch costs one event per change, the same for the operator's
+    bursts and the floor's."""
+
+    def __init__(
+        self,
+        list_fn: Callable[..., Any],
+        key: Callable[[dict[str, Any]], str | None],
+        marks: dict[str, Callable[[dict[str, Any]], bool]],
+    ) -> None:
+        super().__init__(daemon=True)
+        self.list_fn, self.key, self.marks = list_fn, key, marks
+        self.seen: dict[str, dict[str, float]] = {}
+        self.counts: Counter[str] = Counter()
+        self.changed = threading.Condition()
+        self.synced = threading.Event()
+        self._stopping = threading.Event()
+
+    def _observe(self, obj: dict[str, Any]) -> None:
+        name = self.key(obj)
+        if not name:
+            return
+        now = time.monotonic()
+        seen = self.seen.setdefault(name, {})
+        new = [mark for mark, test in self.marks.items() if mark not in seen and test(obj)]
+        if new:
+            with self.changed:
+                for mark in new:
+                    seen[mark] = now
+                    self.counts[mark] += 1
+                self.changed.notify_all()
+
+    def _relist(self) -> str:
+        body = json.loads(self.list_fn(_preload_content=False).data)
+        for item in body["items"]:
+            self._observe(item)
+        return str(body["metadata"]["resourceVersion"])
+
+    def run(self) -> None:
+        rv = self._relist()
+        self.synced.set()
+        while not self._stopping.is_set():
+            resp = self.list_fn(
+                watch=True,
+                resource_version=rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=2,  # how long stop() may wait
+                _preload_content=False,
+            )
+            try:
+                for line in resp:
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: list again
+                        rv = self._relist()
+                        break
+                    rv = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._observe(event["object"])
+                    if self._stopping.is_set():
+                        break
+            finally:
+                resp.close()
+
+    def wait_count(self, mark: str, n: int, deadline: float) -> int:
+        """How many objects have met ``mark``, once ``n`` have (or at ``deadline``)."""
+        with self.changed:
+            while self.counts[mark] < n and time.monotonic() < deadline:
+                self.changed.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+            return self.counts[mark]
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self.changed:
+            return {name: dict(seen) for name, seen in self.seen.items()}
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+#: Where an object of a burst spends its time, in order: (label, from mark, to mark). "applied" is
+#: the client's first request for it; the floor has no "md_ready" (its Deployment's "available" is
+#: its end).
+STAGES = [
+    ("apply->Deployment", "applied", "deployment"),
+    ("Deployment->pod", "deployment", "pod"),
+    ("pod->scheduled", "pod", "scheduled"),
+    ("scheduled->pod Ready", "scheduled", "pod_ready"),
+    ("pod Ready->available", "pod_ready", "available"),
+    ("available->MD Ready", "available", "md_ready"),
+]
+
+
+def object_latency(
+    applied: dict[str, float], marks: dict[str, dict[str, float]], final: str
+) -> dict[str, Any]:
+    """Each object's own apply -> ``final`` latency (p50, p99, max), its time of reaching ``final``
+    after the burst's first apply (p50: how long until half of them were ready), and the p50/p99 of
+    each stage (:data:`STAGES`) between the marks."""
+    t0 = min(applied.values())
+    lat, done_at = [], []
+    stages: dict[str, list[float]] = {label: [] for label, _, _ in STAGES}
+    for name, t_apply in applied.items():
+        seen = {"applied": t_apply, **marks.get(name, {})}
+        if final in seen:
+            lat.append(seen[final] - t_apply)
+            done_at.append(seen[final] - t0)
+        for label, a, b in STAGES:
+            if a in seen and b in seen:
+                stages[label].append(seen[b] - seen[a])
+    if not lat:
+        return {"n": 0}
+    return {
+        "n": len(lat),
+        "p50_s": pct(lat, 50),
+        "p99_s": pct(lat, 99),
+        "max_s": max(lat),
+        "half_ready_at_s": pct(done_at, 50),
+        "stages": {
+            label: {"p50_s": round(pct(v, 50), 3), "p99_s": round(pct(v, 99), 3)}
+            for label, v in stages.items()
+            if v
+        },
+    }
+
+
+def parse_apiserver_metrics(text: str) -> dict[str, float]:
+    """The API server's counters this bench compares, summed per (metric, verb, resource)."""
+    wanted = {
+        "apiserver_request_total": ("verb", "resource", "subresource"),
+        "apiserver_response_sizes_sum": ("verb", "resource", "subresource"),
+        "apiserver_watch_events_total": ("resource",),
+        "apiserver_watch_events_sizes_sum": ("resource",),
+    }
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in wanted or "}" not in rest:
+            continue
+        labels_text, _, value = rest.rpartition("}")
+        labels = dict(
+            (part.split("=", 1)[0], part.split("=", 1)[1].strip('"'))
+            for part in labels_text.split('",')
+            if "=" in part
+        )
+        key = " ".join([name, *(labels.get(lbl, "") for lbl in wanted[name])]).rstrip()
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What changed between two scrapes, largest first (request counts and bytes)."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in delta.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 class Bench:
@@ -97,11 +277,11 @@ class Bench:
         """Delete a namespace and wait until it is gone, so later figures see only what they create."""
         self.cluster.delete_namespace(name, wait=True, timeout=600)
 
-    def operator_write_kinds(self, since: int) -> list[str]:
-        """The operator's API writes after byte offset ``since`` of the audit log, each as
+    def operator_write_kinds(self, since: AuditPosition) -> list[str]:
+        """The operator's API writes after ``since`` in the audit log, each as
         "verb resource[/subresource]"."""
         out = []
-        for ev in localcluster.iter_audit_events(self.cp.audit_log, since):
+        for ev in self.audit_events(since):
             if ev.get("user", {}).get("username") == OPERATOR_USER:
                 ref = ev.get("objectRef") or {}
                 sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
@@ -193,8 +373,9 @@ class Bench:
         return out
 
     def burst(self, n: int, keep: bool = False) -> dict[str, Any]:
-        """N ModelDeployments created at once (8 client threads) -> every one Ready. Also where the
-        machine's CPU went meanwhile (per process) and who wrote what (audit log)."""
+        """N ModelDeployments created at once (8 client threads) -> every one Ready. Also each one's own
+        apply-to-Ready latency and where it waited (see :class:`Timeline`), where the machine's CPU went
+        meanwhile (per process) and who wrote what (audit log)."""
         ns = self.namespace(f"bench-burst-{n}")
         return self._burst(
             n,
@@ -202,91 +383,98 @@ class Bench:
             lambda i: self.custom.create_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, md_body(f"b{i}")
             ),
-            self._mds_ready,
-            keep,
+            final="md_ready",
+            keep=keep,
         )
 
     def burst_floor(self, n: int) -> dict[str, Any]:
         """The same children for N ModelDeployments written at once by a plain client (outside the
         operator's namespaces) -> every Deployment's pod ready: what the cluster itself needs."""
         ns = self.namespace(f"floor-burst-{n}")
-        return self._burst(n, ns, lambda i: self.direct_writes(ns, f"f{i}"), self._deployments_ready)
+        return self._burst(n, ns, lambda i: self.direct_writes(ns, f"f{i}"), final="available")
 
-    def _mds_ready(self, ns: str, n: int, deadline: float) -> int:
-        return self._watch_ready(
-            functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
-            lambda md: (md.get("status") or {}).get("phase") == "Ready",
-            n,
-            deadline,
-        )
-
-    def _deployments_ready(self, ns: str, n: int, deadline: float) -> int:
-        return self._watch_ready(
-            functools.partial(self.apps.list_namespaced_deployment, ns),
-            lambda dep: (dep.get("status") or {}).get("readyReplicas", 0) >= 1,
-            n,
-            deadline,
-        )
-
-    @staticmethod
-    def _watch_ready(list_fn: Any, ready: Any, n: int, deadline: float) -> int:
-        """How many objects are ready, once ``n`` are (or at ``deadline``): one list, then a watch from
-        its resourceVersion, raw JSON. (Polling a list of 1000 objects every half second costs the API
-        server, and this process, more than the operator under test.)"""
-
-        def relist() -> tuple[dict[str, bool], str]:
-            body = json.loads(list_fn(_preload_content=False).data)
-            return {it["metadata"]["name"]: bool(ready(it)) for it in body["items"]}, body["metadata"][
-                "resourceVersion"
-            ]
-
-        state, rv = relist()
-        while sum(state.values()) < n and time.monotonic() < deadline:
-            resp = list_fn(
-                watch=True,
-                resource_version=rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=max(1, min(30, int(deadline - time.monotonic()))),
-                _preload_content=False,
+    def _timelines(self, ns: str, with_mds: bool) -> list[Timeline]:
+        """Watches of one burst's namespace: when each ModelDeployment's Deployment and pod appear and
+        turn ready (and, for the operator's bursts, when the ModelDeployment turns Ready), all keyed
+        by the ModelDeployment's name."""
+        out = [
+            Timeline(
+                functools.partial(self.apps.list_namespaced_deployment, ns),
+                owner_label,
+                {"deployment": lambda dep: True, "available": deployment_available},
+            ),
+            Timeline(
+                functools.partial(self.core.list_namespaced_pod, ns),
+                owner_label,
+                {"pod": lambda pod: True, "scheduled": pod_scheduled, "pod_ready": pod_ready},
+            ),
+        ]
+        if with_mds:
+            out.append(
+                Timeline(
+                    functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
+                    lambda md: md["metadata"]["name"],
+                    {"md_ready": lambda md: (md.get("status") or {}).get("phase") == "Ready"},
+                )
             )
-            try:
-                for line in resp:
-                    event = json.loads(line)
-                    obj = event["object"]
-                    if event["type"] == "ERROR":  # e.g. 410 Gone: list again
-                        state, rv = relist()
-                        break
-                    rv = obj["metadata"]["resourceVersion"]
-                    if event["type"] == "DELETED":
-                        state.pop(obj["metadata"]["name"], None)
-                    elif event["type"] in ("ADDED", "MODIFIED"):
-                        state[obj["metadata"]["name"]] = bool(ready(obj))
-                    if sum(state.values()) >= n:
-                        break
-            finally:
-                resp.close()
-        return sum(state.values())
+        return out
 
-    def _burst(self, n: int, ns: str, create: Any, count_ready: Any, keep: bool = False) -> dict[str, Any]:
-        cpu0, audit0 = self.cpu_seconds(), self.audit_position()
+    def _burst(
+        self, n: int, ns: str, create: Callable[[int], Any], final: str, keep: bool = False
+    ) -> dict[str, Any]:
+        """Apply ``n`` objects with ``create`` from 8 threads; wait until ``n`` reach the mark ``final``.
+        Each object's apply time is taken just before its first request."""
+        timelines = self._timelines(ns, with_mds=final == "md_ready")
+        for tl in timelines:
+            tl.start()
+        for tl in timelines:
+            tl.synced.wait(30)
+        cpu0, audit0, metrics0 = self.cpu_seconds(), self.audit_position(), self.apiserver_metrics()
+        reconciles0 = self.reconciles()
+        applied: dict[str, float] = {}
+        prefix = "b" if final == "md_ready" else "f"
+
+        def apply(i: int) -> None:
+            applied[f"{prefix}{i}"] = time.monotonic()
+            create(i)
+
         t0 = time.monotonic()
         with cf.ThreadPoolExecutor(8) as pool:
-            list(pool.map(create, range(n)))
-        applied = time.monotonic() - t0
-        ready = count_ready(ns, n, t0 + 900)
+            list(pool.map(apply, range(n)))
+        applied_s = time.monotonic() - t0
+        final_tl = next(tl for tl in timelines if final in tl.marks)
+        ready = final_tl.wait_count(final, n, t0 + 900)
         elapsed = time.monotonic() - t0
-        cpu1 = self.cpu_seconds()
+        cpu1, metrics1 = self.cpu_seconds(), self.apiserver_metrics()
+        for tl in timelines:
+            tl.stop()
+        marks: dict[str, dict[str, float]] = {}
+        for tl in timelines:
+            for name, seen in tl.snapshot().items():
+                marks.setdefault(name, {}).update(seen)
         out = {
             "n": n,
-            "applied_s": applied,
+            "applied_s": applied_s,
             "all_ready_s": elapsed,
             "ready": ready,
+            "latency": object_latency(applied, marks, final),
             "cpu_s": {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1},
             "writes": self.writes_by_identity(audit0, ns),
+            "writes_detail": self.writes_detail(audit0, ns),
+            "apiserver": metrics_delta(metrics0, metrics1),
+            "reconciles": self.reconciles() - reconciles0,
         }
+        for tl in timelines:
+            tl.join(10)
         if not keep:
             self.delete_namespace(ns)
         return out
+
+    def reconciles(self) -> float:
+        """Reconciles the operator has run (its own counter), successful or not."""
+        return self.op.metric("modeldeploy_reconciles_total") + self.op.metric(
+            "modeldeploy_reconcile_errors_total"
+        )
 
     def cpu_seconds(self) -> dict[str, float]:
         """user+system CPU seconds of every control-plane process and of the operator."""
@@ -303,17 +491,55 @@ class Bench:
             out[name] = (int(fields[11]) + int(fields[12])) / tick
         return out
 
-    def audit_position(self) -> int:
-        return self.cp.audit_log.stat().st_size if self.cp.audit_log.exists() else 0
+    def audit_position(self) -> AuditPosition:
+        """Where the audit log ends now: (inode, size) of the current file."""
+        try:
+            st = self.cp.audit_log.stat()
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_ino, st.st_size)
 
-    def writes_by_identity(self, since: int, namespace: str) -> dict[str, int]:
-        """API writes in ``namespace`` after byte offset ``since`` of the audit log, by client identity."""
+    def audit_events(self, since: AuditPosition) -> Iterator[dict[str, Any]]:
+        """Audit events written after ``since``, across a rotation: the API server's log writer
+        (lumberjack) renames the file at 100 MB even with --audit-log-maxsize=0, which a burst of 1000
+        passes (its writes went missing from the figures before). The renamed files keep their inode."""
+        inode, offset = since
+        log = self.cp.audit_log
+        files = sorted(log.parent.glob(f"{log.stem}*{log.suffix}"), key=lambda p: p.stat().st_mtime)
+        started = inode == 0
+        for path in files:
+            st = path.stat()
+            if not started and st.st_ino != inode:
+                continue
+            yield from localcluster.iter_audit_events(path, 0 if started else offset)
+            started = True
+
+    def writes_by_identity(self, since: AuditPosition, namespace: str) -> dict[str, int]:
+        """API writes in ``namespace`` after ``since`` in the audit log, by client identity."""
         counts = Counter(
             ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
-            for ev in localcluster.iter_audit_events(self.cp.audit_log, since)
+            for ev in self.audit_events(since)
             if (ev.get("objectRef") or {}).get("namespace") == namespace
         )
         return dict(counts.most_common())
+
+    def writes_detail(self, since: AuditPosition, namespace: str) -> dict[str, dict[str, int]]:
+        """The same writes, per identity, as "verb resource[/subresource]"."""
+        out: dict[str, Counter[str]] = {}
+        for ev in self.audit_events(since):
+            ref = ev.get("objectRef") or {}
+            if ref.get("namespace") != namespace:
+                continue
+            user = ev.get("user", {}).get("username", "?").rsplit(":", 1)[-1]
+            sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
+            out.setdefault(user, Counter())[f"{ev.get('verb')} {ref.get('resource')}{sub}"] += 1
+        return {user: dict(c.most_common()) for user, c in out.items()}
+
+    def apiserver_metrics(self) -> dict[str, float]:
+        """The API server's request and watch counters (all clients): requests by verb and resource,
+        response bytes, watch events sent and their bytes. A delta over a burst shows what reads and
+        watches cost, which the audit log (writes only) does not."""
+        return parse_apiserver_metrics(self.cluster.kubectl("get", "--raw", "/metrics", check=False).stdout)
 
     def steady(self, seconds: float, quiet: float = 5, settle_timeout: float = 120) -> dict[str, Any]:
         """Writes per minute once idle. Writes of the burst still in flight when the last pod turned
@@ -406,6 +632,7 @@ def main() -> int:
     ap.add_argument(
         "--no-floor", action="store_true", help="skip the burst floor (plain client, no operator)"
     )
+    ap.add_argument("--json", type=Path, help="also write every figure (and the detail behind them) here")
     args = ap.parse_args()
     sizes = [int(x) for x in args.burst.split(",") if x]
     results: dict[str, Any] = {}
@@ -434,8 +661,23 @@ def main() -> int:
             print("operator RSS:", json.dumps(results["operator_rss_mb"]), flush=True)
         finally:
             bench.stop()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     report(results)
     return 0
+
+
+def latency_line(lat: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    """Each object's own apply -> Ready latency, beside the floor's (apply -> Deployment available)."""
+    if not lat.get("n"):
+        return "per object: none ready"
+    text = (
+        f"per object apply->Ready p50 {lat['p50_s']:.1f} s  p99 {lat['p99_s']:.1f} s  "
+        f"(half Ready {lat['half_ready_at_s']:.1f} s after the first apply)"
+    )
+    if floor and floor.get("n"):
+        text += f"; floor p50 {floor['p50_s']:.1f} s  p99 {floor['p99_s']:.1f} s"
+    return text
 
 
 def report(results: dict[str, Any]) -> None:
@@ -446,17 +688,36 @@ def report(results: dict[str, Any]) -> None:
         f"(direct-write floor p50 {c['floor_p50_ms']:.0f} ms  p99 {c['floor_p99_ms']:.0f} ms; "
         f"ratio {c['ratio_p50']:.2f}x)  n={c['n']}"
     )
+    floor = results.get("floor")
     for key, b in results.items():
         if key.startswith("burst_") or key == "floor":
             what = "burst floor" if key == "floor" else "burst"
+            beside = ""
+            if key != "floor" and floor is not None and floor["n"] == b["n"]:
+                ratio = b["all_ready_s"] / floor["all_ready_s"]
+                beside = f"; {ratio:.2f}x the floor's {floor['all_ready_s']:.1f} s"
             print(
                 f"{what:<12}{b['n']:>5}    all Ready in {b['all_ready_s']:.1f} s "
-                f"(applied in {b['applied_s']:.1f} s; ready {b['ready']}/{b['n']})"
+                f"(applied in {b['applied_s']:.1f} s; ready {b['ready']}/{b['n']}{beside})"
             )
+            floor_latency = floor["latency"] if floor and key != "floor" else None
+            print(f"{'':<21}{latency_line(b['latency'], floor_latency)}")
+            stages = ", ".join(
+                f"{label} {v['p50_s']:.2f}/{v['p99_s']:.2f}"
+                for label, v in b["latency"].get("stages", {}).items()
+            )
+            print(f"{'':<21}stages p50/p99 s: {stages}")
             cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(b["cpu_s"].items(), key=lambda kv: -kv[1]))
             writes = ", ".join(f"{k} {v}" for k, v in b["writes"].items())
-            print(f"{'':<21}CPU seconds: {cpu}")
+            print(f"{'':<21}CPU seconds: {cpu}; operator reconciles: {b['reconciles']:.0f}")
             print(f"{'':<21}API writes: {writes}")
+            api = b.get("apiserver", {})
+            watch = ", ".join(
+                f"{k.split()[-1]} {v:.0f}"
+                for k, v in api.items()
+                if k.startswith("apiserver_watch_events_total")
+            )
+            print(f"{'':<21}watch events sent (all watchers): {watch}")
     s = results["steady"]
     kinds = ", ".join(f"{k} {v}" for k, v in s["kinds"].items())
     late = ", ".join(f"{k} {v}" for k, v in s["late_burst_writes"].items()) or "none"

@@ -16,7 +16,9 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -25,7 +27,7 @@ from . import api, builders, kopfpatch, metrics
 from .analysis import TritonAnalysis
 from .analysis_runner import AnalysisRunner
 from .cache import Cache
-from .kube import Kube
+from .kube import EventSink, Kube
 from .leader import LeaderElector
 from .reconcile import Reconciler
 from .workqueue import WorkQueue
@@ -49,6 +51,7 @@ class Operator:
     def __init__(self) -> None:
         self.cache = Cache()
         self.kube: Kube | None = None
+        self.events: EventSink | None = None
         self.reconciler: Reconciler | None = None
         self.queue: WorkQueue | None = None
         self.resync_task: asyncio.Task[None] | None = None
@@ -92,12 +95,11 @@ async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInf
 
 
 async def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Queued, not awaited: posting Events is best-effort (the status carries the same facts), and a
+    reconcile need not wait for it."""
     metrics.observe_event(body, reason)
-    assert OP.kube is not None
-    try:
-        await OP.kube.post_event(body, type_, reason, message)
-    except Exception as exc:  # posting Events is best-effort; the status carries the same facts
-        log.warning("could not post event %s for %s: %s", reason, body["metadata"].get("name"), exc)
+    assert OP.events is not None
+    OP.events.post(body, type_, reason, message)
 
 
 def _pod_ips(namespace: str, revision_hash: str) -> list[str]:
@@ -175,9 +177,14 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
     settings.posting.level = logging.INFO
     settings.batching.worker_limit = None
+    # kopf runs a worker per watched object, which holds that object's last event until it has been
+    # idle this long (default 5 s): in a burst, thousands of full bodies at once. 400 ModelDeployments
+    # at once: operator peak RSS 111 -> 99 MiB, CPU and time unchanged within noise.
+    settings.queueing.idle_timeout = 0.5
     if os.environ.get("MODELDEPLOY_DISABLE_CLUSTER_SCANNING", "").lower() in ("1", "true", "yes"):
         settings.scanning.disabled = True  # namespaced RBAC: no namespace listing, no CRD watch
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
+    OP.events = EventSink(OP.kube.post_event)
     OP.analysis = analysis = AnalysisRunner(
         TritonAnalysis(
             pods_for=_pod_ips,
@@ -240,8 +247,61 @@ async def cleanup(**_: Any) -> None:
         OP.analysis.stop_all()
     if OP.queue is not None:
         await OP.queue.stop()
+    if OP.events is not None:
+        await OP.events.close()
     if OP.kube is not None:
         await OP.kube.close()
+
+
+#: What a reconcile reads of ``managedFields``: whether our apply owns a Deployment's replicas
+#: (``reconcile._owns_replicas``).
+_OWNS_REPLICAS = {
+    "manager": builders.MANAGER,
+    "operation": "Apply",
+    "fieldsV1": {"f:spec": {"f:replicas": {}}},
+}
+
+
+def for_cache(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """A watched object as the watch cache gets it: with ``kind``; of ``managedFields`` only the one
+    fact a reconcile reads there; and (but for Pods, which the cache trims to a few fields) its keys
+    and short strings shared with every other object's (:func:`_shared`).
+
+    Measured with tracemalloc on 1000 Deployments and 3000 Services as the API server sends them:
+    65 MiB as decoded, 40 MiB without managedFields (the cache kept our own Apply entry whole), 21 MiB
+    with shared strings too; sharing costs about 0.1 ms per event."""
+    obj = dict(body)
+    obj.setdefault("kind", kind)
+    meta = obj.get("metadata") or {}
+    managed = meta.get("managedFields")
+    if managed is not None:
+        owns = any(
+            m.get("manager") == builders.MANAGER
+            and m.get("operation") == "Apply"
+            and "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})
+            for m in managed
+        )
+        obj["metadata"] = {**meta, "managedFields": [_OWNS_REPLICAS] if owns else []}
+    if obj["kind"] == "Pod":
+        return obj
+    shared: dict[str, Any] = _shared(obj)
+    return shared
+
+
+_SHARED_MAX_CHARS = 40  # names, label values, image names, field values like "TCP"; not messages
+
+
+def _shared(value: Any) -> Any:
+    """A copy of decoded JSON whose dict keys and short strings are the interned ones: each decoded
+    event brings its own copy of every key ("metadata", "f:containerPort", ...), and the cache keeps
+    thousands of objects of the same few shapes."""
+    if isinstance(value, dict):
+        return {sys.intern(k): _shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    if isinstance(value, str) and len(value) <= _SHARED_MAX_CHARS:
+        return sys.intern(value)
+    return value
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -252,12 +312,12 @@ async def modeldeployment_event(
     if event.get("type") == "DELETED":
         OP.cache.delete(api.KIND, namespace, name)
         metrics.forget(namespace, name)
+        if OP.queue is not None:
+            OP.queue.forget((namespace, name))
         if OP.analysis is not None:
             OP.analysis.stop(namespace, name)
         return
-    obj = dict(body)
-    obj.setdefault("kind", api.KIND)
-    OP.cache.put(obj)
+    OP.cache.put(for_cache(body, api.KIND))
     if OP.queue is not None:
         OP.queue.add((namespace, name))
 
@@ -279,9 +339,7 @@ def _register_child(group: str, version: str, plural: str) -> None:
         if event.get("type") == "DELETED":
             OP.cache.delete(kind, namespace, name)
         else:
-            obj = dict(body)
-            obj.setdefault("kind", kind)
-            OP.cache.put(obj)
+            OP.cache.put(for_cache(body, kind))
         owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_NAME)
         if owner and OP.queue is not None:
             OP.queue.add((namespace, owner))

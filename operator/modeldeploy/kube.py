@@ -328,3 +328,52 @@ class Kube:
             "count": 1,
         }
         await self.request("POST", path_for("Event", meta["namespace"]), kind="Event", body=event)
+
+
+class EventSink:
+    """Posts Events in the background, so a reconcile does not wait for them (two of the eight
+    requests of a new ModelDeployment's first reconcile were its Events). An object's Events keep their
+    order (one lane per object, by hash); a failed post is logged and dropped (Events are best-effort;
+    status carries the same facts). ``close`` waits for what is queued, up to a timeout."""
+
+    def __init__(
+        self,
+        post: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
+        *,
+        lanes: int = 4,
+        drain_seconds: float = 10.0,
+    ) -> None:
+        self._post = post
+        self._drain_seconds = drain_seconds
+        self._queues: list[asyncio.Queue[tuple[dict[str, Any], str, str, str]]] = [
+            asyncio.Queue() for _ in range(lanes)
+        ]
+        self._tasks = [asyncio.create_task(self._run(q)) for q in self._queues]
+
+    def post(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj["metadata"]
+        lane = hash((meta.get("namespace"), meta.get("name"))) % len(self._queues)
+        self._queues[lane].put_nowait((obj, type_, reason, message))
+
+    def pending(self) -> int:
+        return sum(q.qsize() for q in self._queues)
+
+    async def _run(self, queue: asyncio.Queue[tuple[dict[str, Any], str, str, str]]) -> None:
+        while True:
+            obj, type_, reason, message = await queue.get()
+            try:
+                await self._post(obj, type_, reason, message)
+            except Exception as exc:  # best-effort
+                log.warning("could not post event %s for %s: %s", reason, obj["metadata"].get("name"), exc)
+            finally:
+                queue.task_done()
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(self._drain_seconds):
+                await asyncio.gather(*(q.join() for q in self._queues))
+        except TimeoutError:
+            log.warning("%d events not posted at shutdown", self.pending())
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

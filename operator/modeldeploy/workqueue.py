@@ -4,27 +4,69 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+Key = tuple[str, str]
+
+
+class Backoff:
+    """Per-key exponential delay after failures, forgotten on success (client-go's
+    ItemExponentialFailureRateLimiter): ``base`` after the first failure, doubling up to ``cap``."""
+
+    def __init__(self, base: float = 0.5, cap: float = 300.0) -> None:
+        self.base, self.cap = base, cap
+        self._failures: dict[Key, int] = {}
+
+    def failed(self, key: Key) -> tuple[int, float]:
+        """Count one more failure of ``key``: (failures in a row, delay before the next try)."""
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        # 2**(n-1) is exact and unbounded in Python; stop doubling once past the cap.
+        return n, self.cap if n > 64 else min(self.cap, self.base * 2 ** (n - 1))
+
+    def forget(self, key: Key) -> None:
+        self._failures.pop(key, None)
+
+    def failures(self, key: Key) -> int:
+        return self._failures.get(key, 0)
+
 
 class WorkQueue:
     """Per-key serialised, coalescing work queue (the controller-runtime semantics):
-    a key is never reconciled twice at once; events arriving meanwhile cause one rerun."""
+    a key is never reconciled twice at once; events arriving meanwhile cause one rerun.
 
-    def __init__(self, handler: Callable[[str, str], Any], *, workers: int = 8) -> None:
+    Two lanes, first in first out each: keys that have had a successful run come before keys that
+    have not. In a burst of creations each object's later events (its pod turned ready: one status
+    write and it is Ready) then do not wait behind every first-time creation queued after it, which
+    made nearly every object of a burst turn Ready only at the end.
+    A key whose handler raised is retried after :class:`Backoff`'s delay (a watch event for it
+    still runs it at once, as in client-go); its stack trace is logged on the first failure in a
+    row only, later ones as one line with the count and the next delay."""
+
+    def __init__(
+        self,
+        handler: Callable[[str, str], Any],
+        *,
+        workers: int = 8,
+        backoff: Backoff | None = None,
+    ) -> None:
         self._handler = handler
-        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self._queued: set[tuple[str, str]] = set()
-        self._running: set[tuple[str, str]] = set()
-        self._dirty: set[tuple[str, str]] = set()
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._tokens: asyncio.Queue[None] = asyncio.Queue()  # one per key in a lane
+        self._lanes: tuple[deque[Key], deque[Key]] = (deque(), deque())  # (succeeded before, not yet)
+        self._succeeded: set[Key] = set()
+        self._queued: set[Key] = set()
+        self._running: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._workers = workers
         self._tasks: list[asyncio.Task[None]] = []
+        self.backoff = backoff or Backoff()
 
-    def add(self, key: tuple[str, str], delay: float | None = None) -> None:
+    def add(self, key: Key, delay: float | None = None) -> None:
         if delay:
             loop = asyncio.get_running_loop()
             timer = self._timers.get(key)
@@ -39,9 +81,20 @@ class WorkQueue:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._queue.put_nowait(key)
+            self._lanes[0 if key in self._succeeded else 1].append(key)
+            self._tokens.put_nowait(None)
 
-    def _fire(self, key: tuple[str, str]) -> None:
+    def forget(self, key: Key) -> None:
+        """The object is gone: drop what the queue remembers of it (its failures, its lane)."""
+        self.backoff.forget(key)
+        self._succeeded.discard(key)
+
+    def due_in(self, key: Key) -> float | None:
+        """Seconds until a delayed add of ``key`` fires (None: no timer)."""
+        timer = self._timers.get(key)
+        return None if timer is None else timer.when() - asyncio.get_running_loop().time()
+
+    def _fire(self, key: Key) -> None:
         self._timers.pop(key, None)
         self.add(key)
 
@@ -60,16 +113,31 @@ class WorkQueue:
 
     async def _work(self) -> None:
         while True:
-            key = await self._queue.get()
+            await self._tokens.get()
+            key = (self._lanes[0] or self._lanes[1]).popleft()
             self._queued.discard(key)
             self._running.add(key)
             try:
                 await self._handler(*key)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("reconcile of %s/%s failed; retrying", *key)
-                self.add(key, delay=5.0)
+            except Exception as exc:
+                failures, delay = self.backoff.failed(key)
+                if failures == 1:
+                    log.exception("reconcile of %s/%s failed; retrying in %.1f s", *key, delay)
+                else:
+                    log.error(
+                        "reconcile of %s/%s failed again (%d in a row): %s: %s; retrying in %.1f s",
+                        *key,
+                        failures,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                self.add(key, delay=delay)
+            else:
+                self.backoff.forget(key)
+                self._succeeded.add(key)
             finally:
                 self._running.discard(key)
                 if key in self._dirty:

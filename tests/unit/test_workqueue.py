@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
-from modeldeploy.workqueue import WorkQueue
+import pytest
+
+from modeldeploy.workqueue import Backoff, WorkQueue
 
 
 class Recorder:
@@ -161,10 +164,158 @@ def test_workqueue_keeps_running_after_a_handler_error() -> None:
         q.add(("ns", "bad"))
         q.add(("ns", "good"))
         await until_idle(q)
-        await q.stop()  # also cancels the 5 s retry timer of "bad"
+        await q.stop()  # also cancels the retry timer of "bad"
         return seen
 
     assert run(main()) == ["bad", "good"]
+
+
+def test_backoff_doubles_from_base_to_cap_per_key_and_forgets_on_success() -> None:
+    b = Backoff(base=0.5, cap=300)
+    delays = [b.failed(("ns", "a"))[1] for _ in range(12)]
+    assert delays == [0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    assert b.failed(("ns", "b")) == (1, 0.5)  # per key
+    assert b.failures(("ns", "a")) == 12
+    b.forget(("ns", "a"))
+    assert b.failures(("ns", "a")) == 0
+    assert b.failed(("ns", "a")) == (1, 0.5)
+    assert b.failures(("ns", "b")) == 1
+
+
+def test_backoff_stays_at_the_cap_after_very_many_failures() -> None:
+    b = Backoff(base=0.5, cap=300)
+    for _ in range(5000):
+        n, delay = b.failed(("ns", "a"))
+    assert (n, delay) == (5000, 300)
+
+
+class Flaky:
+    """Fails its first ``failures`` runs, then succeeds; each run is reported on a queue."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.runs = 0
+        self.ran: asyncio.Queue[int] = asyncio.Queue()
+
+    async def __call__(self, ns: str, name: str) -> None:
+        self.runs += 1
+        self.ran.put_nowait(self.runs)
+        if self.runs <= self.failures:
+            raise RuntimeError(f"boom {self.runs}")
+
+
+class RecordingQueue(WorkQueue):
+    """A work queue that records every delayed add (the delay handed to its timer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delays: list[float] = []
+
+    def add(self, key: tuple[str, str], delay: float | None = None) -> None:
+        if delay:
+            self.delays.append(delay)
+        super().add(key, delay)
+
+
+async def next_run(handler: Flaky, q: WorkQueue) -> None:
+    await asyncio.wait_for(handler.ran.get(), 1)
+    await until_idle(q)
+
+
+def test_workqueue_retries_a_failing_key_with_exponential_backoff_reset_on_success(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = ("ns", "bad")
+
+    async def main() -> tuple[list[float], int, float | None]:
+        handler = Flaky(failures=3)
+        q = RecordingQueue(handler, workers=1, backoff=Backoff(base=10, cap=25))
+        q.start()
+        q.add(key)
+        await next_run(handler, q)
+        first_timer = q.due_in(key)
+        for _ in range(3):
+            q.add(key)  # an event for the key runs it at once, as in client-go: no waiting out the timer
+            await next_run(handler, q)  # runs 2 and 3 fail, the 4th succeeds
+        after_success = q.backoff.failures(key)
+        handler.failures = 5  # the 5th run fails: the delay starts again from base
+        q.add(key)
+        await next_run(handler, q)
+        await q.stop()
+        return q.delays, after_success, first_timer
+
+    with caplog.at_level(logging.INFO, logger="modeldeploy.workqueue"):
+        delays, after_success, first_timer = run(main())
+    assert delays == [10, 20, 25, 10]
+    assert first_timer is not None and 9 < first_timer <= 10
+    assert after_success == 0
+    errors = [r for r in caplog.records if r.name == "modeldeploy.workqueue"]
+    assert len(errors) == 4
+    # A stack trace on the first failure in a row only; then one line with the count and the next delay.
+    assert errors[0].exc_info is not None and "retrying in 10.0 s" in errors[0].getMessage()
+    assert [r.exc_info for r in errors[1:3]] == [None, None]
+    assert "failed again (2 in a row): RuntimeError: boom 2; retrying in 20.0 s" in errors[1].getMessage()
+    assert "(3 in a row)" in errors[2].getMessage() and "retrying in 25.0 s" in errors[2].getMessage()
+    assert errors[3].exc_info is not None  # after a success, the next failure is a first again
+
+
+def test_workqueue_retry_timer_fires_after_the_backoff_delay() -> None:
+    async def main() -> tuple[float, float]:
+        handler = Flaky(failures=2)
+        q = WorkQueue(handler, workers=1, backoff=Backoff(base=0.02, cap=1))
+        q.start()
+        loop = asyncio.get_running_loop()
+        q.add(("ns", "a"))
+        await asyncio.wait_for(handler.ran.get(), 1)
+        t1 = loop.time()
+        await asyncio.wait_for(handler.ran.get(), 1)  # retried by the timer alone
+        t2 = loop.time()
+        await asyncio.wait_for(handler.ran.get(), 1)
+        t3 = loop.time()
+        await until_idle(q)
+        assert q.due_in(("ns", "a")) is None and q.backoff.failures(("ns", "a")) == 0
+        await q.stop()
+        return t2 - t1, t3 - t2
+
+    first, second = run(main())
+    assert first >= 0.02 and second >= 0.04
+
+
+def test_workqueue_runs_keys_that_succeeded_before_ahead_of_new_ones() -> None:
+    async def main() -> list[tuple[str, str]]:
+        rec = Recorder()
+        q = WorkQueue(rec, workers=1)
+        q.start()
+        q.add(("ns", "old"))
+        await until_idle(q)  # "old" has had a successful run
+        rec.gate.clear()
+        q.add(("ns", "blocker"))  # holds the only worker while the others queue
+        await asyncio.wait_for(rec.started.wait(), 1)
+        for i in range(5):
+            q.add(("ns", f"new{i}"))
+        q.add(("ns", "old"))  # an event for a known key: ahead of the five new ones
+        q.forget(("ns", "new0"))  # forgetting a key never run changes nothing
+        rec.gate.set()
+        await until_idle(q)
+        q.forget(("ns", "old"))  # deleted: a later add of the same name is new again
+        rec.gate.clear()
+        q.add(("ns", "blocker"))
+        for _ in range(200):
+            if rec.runs.count(("ns", "blocker")) == 2:
+                break
+            await asyncio.sleep(0.001)
+        q.add(("ns", "new9"))
+        q.add(("ns", "old"))
+        q.add(("ns", "new0"))  # succeeded in the first round: ahead of both
+        rec.gate.set()
+        await until_idle(q)
+        await q.stop()
+        return rec.runs
+
+    runs = run(main())
+    assert runs[:3] == [("ns", "old"), ("ns", "blocker"), ("ns", "old")]
+    assert runs[3:8] == [("ns", f"new{i}") for i in range(5)]
+    assert runs[8:] == [("ns", "blocker"), ("ns", "new0"), ("ns", "new9"), ("ns", "old")]
 
 
 # --------------------------------------------------------------------------- annotation commands
