@@ -201,7 +201,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         analysis=analysis,
         stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE", builders.DEFAULT_STAGER_IMAGE),
     )
-    OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "8")))
+    OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "32")))
     OP.queue.start()
     if os.environ.get("MODELDEPLOY_LEADER_ELECTION", "").lower() in ("1", "true", "yes"):
         OP.leader = False
@@ -254,7 +254,7 @@ async def cleanup(**_: Any) -> None:
 
 
 #: What a reconcile reads of ``managedFields``: whether our apply owns a Deployment's replicas
-#: (``reconcile._owns_replicas``).
+#: (``children.owns_replicas``).
 _OWNS_REPLICAS = {
     "manager": builders.MANAGER,
     "operation": "Apply",

@@ -87,6 +87,7 @@ class Reconciler:
         self.clock = clock
         self._seen: dict[tuple[str, str, str], tuple[float, bool]] = {}
         self._primed: set[str] = set()
+        self._priming: dict[str, asyncio.Lock] = {}
         # Children the API server refused, per ModelDeployment.
         self._rejected: dict[tuple[str, str], Refusals] = {}
 
@@ -192,12 +193,15 @@ class Reconciler:
         """Fill the cache with the namespace's children once, before the first reconcile there:
         right after a start the watches may not have listed everything yet, and a reconcile
         working from a partial view would write what is already there."""
-        selector = f"app.kubernetes.io/managed-by={builders.MANAGER}"
-        for kind in children.WATCHED_KINDS:
-            for obj in await self.kube.list(kind, namespace, selector):
-                obj.setdefault("kind", kind)
-                self.cache.put(obj)
-        self._primed.add(namespace)
+        async with self._priming.setdefault(namespace, asyncio.Lock()):  # one listing, not one per worker
+            if namespace in self._primed:
+                return
+            selector = f"app.kubernetes.io/managed-by={builders.MANAGER}"
+            for kind in children.WATCHED_KINDS:
+                for obj in await self.kube.list(kind, namespace, selector):
+                    obj.setdefault("kind", kind)
+                    self.cache.put(obj)
+            self._primed.add(namespace)
 
     # ------------------------------------------------------------------ act
 

@@ -6,8 +6,9 @@ import copy
 from typing import Any
 
 from modeldeploy import builders
+from modeldeploy.cache import Cache
+from modeldeploy.children import owns_replicas as _owns_replicas
 from modeldeploy.handlers import for_cache
-from modeldeploy.reconcile import Cache, _owns_replicas
 
 
 def deployment(*managed: dict[str, Any]) -> dict[str, Any]:
