@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mdview import EVENT_LINES, MD_EVENTS, Model, describe, measure, serving, wait_status
+from mdview import EVENT_LINES, MD_EVENTS, Model, describe, measure, serving, settled, wait_status
 from models import MODEL, SPEC_CONFIG, write_repository
 from realtier import figure, on_real_node, operator_process, s3_on_node, s3_secret, unavailable
 from routed import routed
@@ -292,6 +292,11 @@ def test_candidate_failing_analysis_on_real_metrics_is_rolled_back(
 
         st = wait_status(md, rolled_back, 300, "candidate rolled back by analysis")
         t_back = time.monotonic()
+        # The status records the decision before the operator acts on it (a restart resumes from
+        # it); the data plane follows asynchronously: the scale-down, the EndpointSlice controller,
+        # then kube-proxy's rules. From then on no new connection reaches the candidate.
+        settled(md, {1: REPLICAS})
+        t_away = time.monotonic()
         back_on_stable(md)
         routed(md, {1: REPLICAS}, 1)
         t0, t1 = measure(traffic, 40)
@@ -325,18 +330,22 @@ def test_candidate_failing_analysis_on_real_metrics_is_rolled_back(
     bad = failures(outcomes)
     if candidate == RAISES:
         assert bad and all(CANDIDATE_ERROR in (o.error or "") for o in bad), describe_failures(bad, origin)
-        assert all(o.start < t_back for o in bad), describe_failures(bad, origin)
+        assert all(o.start < t_away for o in bad), describe_failures(bad, origin)
     else:
         assert not bad, describe_failures(bad, origin)
     assert versions(after) == {1: len(after)} and not failures(after), describe_failures(after, origin)
     assert min(stable_ready) == REPLICAS, f"stable lost capacity during the rollout: {stable_ready}"
     assert canary_ready, f"the candidate never joined the Service{describe(cluster, namespace)}"
+    # the rollback reaches the data plane in seconds, not at the next resync
+    assert t_away - t_back < 15, f"candidate still routed {t_away - t_back:.1f}s after RolledBack"
 
     shown = ", ".join(f"{k} {values[k]}" for k in ("requests", "failures", "errorRate", "latencyMs", "p99Ms"))
     figure(
         f"analysis rollback ({case})",
         f"change -> rolled back {t_back - t_change:.1f}s (candidate in the Service -> rolled back "
-        f"{t_back - canary_ready[0]:.1f}s, windows of {analysis['interval']}); verdicts {seen}; "
+        f"{t_back - canary_ready[0]:.1f}s, windows of {analysis['interval']}; rolled back -> candidate out "
+        f"of kube-proxy's rules {t_away - t_back:.1f}s, {sum(o.start >= t_back for o in bad)} failed "
+        f"requests sent meanwhile); verdicts {seen}; "
         f"failing window: {shown}; client: {len(outcomes)} requests, {dict(got)} answered per version, "
         f"{len(bad)} failed" + (" (all by the candidate's raising version)" if bad else ""),
     )
