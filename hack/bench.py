@@ -252,7 +252,7 @@ class Bench:
         install_crd(self.cluster)
         self.custom, self.core, self.apps = self.cluster.custom, self.cluster.core, self.cluster.apps
         # The first namespace exists before the operator starts, so no figure includes its start-up
-        # (nor kopf's namespace list-then-watch gap, which modeldeploy.kopfpatch closes).
+        # (nor kopf's namespace list-then-watch gap, which modeldeploy.kube.kopfpatch closes).
         self.first_namespace = self.namespace("bench-create")
         op_kubeconfig = self.cp.issue_kubeconfig("operator", OPERATOR_USER)
         self.op = OperatorProcess(
@@ -333,7 +333,8 @@ class Bench:
         """What the operator writes for a new ModelDeployment, issued by a plain client with no
         decisions in between: the ModelDeployment, its Deployment and 3 Services (server-side apply),
         one status patch."""
-        from modeldeploy import api, builders, revision
+        from modeldeploy import api
+        from modeldeploy.modeldeployment import builders, revision
 
         md = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, md_body(name))
         spec = api.ModelDeploymentSpec.model_validate(md["spec"])

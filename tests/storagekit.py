@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from modeldeploy import api
-from modeldeploy.tritonconfig import render_config_pbtxt
+from modeldeploy.triton.config import render_config_pbtxt
 from tritonmodels import scaler_py
 
 MODEL = "staged"

@@ -25,6 +25,10 @@ KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ["md"]
+#: The field manager of every write the operator makes, and the managed-by label of its children.
+MANAGER = "modeldeploy-operator"
+#: The label naming the ModelDeployment a child belongs to.
+LABEL_NAME = f"{GROUP}/name"
 
 #: Manual rollout commands: annotations set to a fresh value (a nonce; ``kubectl modeldeploy promote``
 #: writes one), each value acted on once and remembered in ``status.rollout.handled*``.
@@ -891,7 +895,7 @@ class AnalysisResult(_Model):
 
 
 class RolloutPhase(StrEnum):
-    """Phase of the rollout state machine (``status.rollout.state``); see :mod:`modeldeploy.rollout`."""
+    """Phase of the rollout state machine (``status.rollout.state``); see :mod:`modeldeploy.modeldeployment.rollout`."""
 
     idle = "Idle"
     progressing = "Progressing"

@@ -9,12 +9,13 @@ from typing import Any
 import pydantic
 import yaml
 
-from . import __version__, api, builders, children, crdgen
+from . import __version__, api, crdgen
+from .modeldeployment import builders, children
 
 
 def render(doc: dict[str, Any], namespace: str | None = None) -> list[dict[str, Any]]:
     """Every object the operator creates for a new ModelDeployment (first revision), offline: the same
-    :func:`~modeldeploy.children.desired_children` the reconcile applies."""
+    :func:`~modeldeploy.modeldeployment.children.desired_children` the reconcile applies."""
     meta = doc.get("metadata") or {}
     if doc.get("kind") != api.KIND:
         raise SystemExit(f"error: kind must be {api.KIND}, got {doc.get('kind')!r}")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("api-docs", help="print the API reference (markdown) generated from the CRD schema")
     d.set_defaults(fn=lambda _a: sys.stdout.write(crdgen.render_api_reference()) and 0)
     s = sub.add_parser("stage", help="init container: fetch a model repository into a directory")
-    from . import staging
+    from .triton import staging
 
     staging.add_arguments(s)
     s.set_defaults(fn=staging.main)

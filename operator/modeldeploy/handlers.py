@@ -4,7 +4,7 @@ Design: kopf does the watching, login, health probe, peering and Event posting. 
 watch event (of a ModelDeployment or of a child we label) lands in a watch cache and
 enqueues the owning ModelDeployment into a coalescing work queue; a periodic resync
 enqueues every ModelDeployment. The reconcile itself is level-triggered and lives in
-:mod:`modeldeploy.reconcile`. We use ``on.event`` handlers only, so kopf keeps no
+:mod:`modeldeploy.modeldeployment.reconcile`. We use ``on.event`` handlers only, so kopf keeps no
 per-object state of its own (no finalizers, no diff-base annotations): deleting a
 ModelDeployment never waits for the operator, and garbage collection removes the
 children through their ownerReferences.
@@ -23,18 +23,20 @@ from typing import Any
 
 import kopf
 
-from . import api, builders, kopfpatch, metrics
-from .analysis import TritonAnalysis
-from .analysis_runner import AnalysisRunner
-from .cache import Cache
-from .kube import EventSink, Kube
-from .leader import LeaderElector
-from .reconcile import Reconciler
-from .workqueue import WorkQueue
+from . import api, metrics
+from .kube import kopfpatch
+from .kube.cache import Cache
+from .kube.client import EventSink, Kube
+from .kube.leader import LeaderElector
+from .kube.workqueue import WorkQueue
+from .modeldeployment import builders
+from .modeldeployment.analysis_runner import AnalysisRunner
+from .modeldeployment.reconcile import Reconciler
+from .triton.analysis import TritonAnalysis
 
 log = logging.getLogger("modeldeploy")
 
-MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGER}
+MANAGED = {"app.kubernetes.io/managed-by": api.MANAGER}
 CHILD_RESOURCES = [
     ("apps", "v1", "deployments"),
     ("", "v1", "pods"),
@@ -256,7 +258,7 @@ async def cleanup(**_: Any) -> None:
 #: What a reconcile reads of ``managedFields``: whether our apply owns a Deployment's replicas
 #: (``children.owns_replicas``).
 _OWNS_REPLICAS = {
-    "manager": builders.MANAGER,
+    "manager": api.MANAGER,
     "operation": "Apply",
     "fieldsV1": {"f:spec": {"f:replicas": {}}},
 }
@@ -276,7 +278,7 @@ def for_cache(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
     managed = meta.get("managedFields")
     if managed is not None:
         owns = any(
-            m.get("manager") == builders.MANAGER
+            m.get("manager") == api.MANAGER
             and m.get("operation") == "Apply"
             and "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})
             for m in managed
@@ -340,7 +342,7 @@ def _register_child(group: str, version: str, plural: str) -> None:
             OP.cache.delete(kind, namespace, name)
         else:
             OP.cache.put(for_cache(body, kind))
-        owner = (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_NAME)
+        owner = (body.get("metadata", {}).get("labels") or {}).get(api.LABEL_NAME)
         if owner and OP.queue is not None:
             OP.queue.add((namespace, owner))
 

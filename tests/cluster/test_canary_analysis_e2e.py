@@ -14,7 +14,7 @@ A real Prometheus (``hack/prometheus.py``, 1 s scrape interval) scrapes that ser
 metrics port once per revision, each job carrying the labels Kubernetes service discovery
 would give the revision's pods: ``modeldeploy_io_revision=<revision hash>`` and
 ``namespace=<test namespace>``. Revision hashes are deterministic
-(:func:`modeldeploy.revision.revision_hash`), so they are computed before the spec is
+(:func:`modeldeploy.modeldeployment.revision.revision_hash`), so they are computed before the spec is
 applied. The operator selects each revision's series by model, Triton ``version`` (from
 ``status.history[].modelVersion``) and those two labels: exactly what it would select in a
 real cluster.
@@ -48,7 +48,8 @@ from hack import prometheus
 from hack import triton as triton_launcher
 from hackmods import unavailable as _unavailable
 from kube import Cluster, hold_for, wait_for
-from modeldeploy import api, revision
+from modeldeploy import api
+from modeldeploy.modeldeployment import revision
 from tritonmodels import flaky_py
 
 pytestmark = pytest.mark.triton

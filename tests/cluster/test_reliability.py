@@ -52,7 +52,7 @@ import pytest
 from kubernetes import client
 
 import figures
-import modeldeploy.kube  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
+import modeldeploy.kube.client  # noqa: F401  (allows the 10000-level JSON the API server accepts, here too)
 from conftest import GROUP, MD, PLURAL, VERSION, fresh_namespace, model_deployment, ready_on, running_operator
 from hack.localcluster import node_schedulable
 from kube import Cluster, hold_for, unique_name, wait_for
@@ -1058,7 +1058,7 @@ def test_namespaces_created_during_startup_are_all_served(
     listing it ignores: a namespace created between the two was never served until a restart. The gap
     opens ~0.1 s after kopf's first log line and lasts while kopf spawns the watches of the namespaces
     it found (the more there are, the longer). Here namespaces are created back to back through it,
-    then a ModelDeployment in each: every one must be served. Without the fix (modeldeploy.kopfpatch),
+    then a ModelDeployment in each: every one must be served. Without the fix (modeldeploy.kube.kopfpatch),
     1-2 of them were never served in each of 7 runs tried."""
     log_dir = tmp_path_factory.mktemp("startup")
     created: list[str] = []

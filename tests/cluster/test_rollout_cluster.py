@@ -434,7 +434,7 @@ def test_failing_candidate_is_rolled_back_automatically(md_factory: Any, simulat
 def all_ready_before_flip(md: MD, *, revision: int) -> bool:
     """Every pod of ``revision`` turned Ready no later than the operator's last write of the main
     Service (its managedFields time; both have 1 s resolution)."""
-    from modeldeploy.builders import MANAGER
+    from modeldeploy.api import MANAGER
 
     core = md.cluster.core
     svc = core.read_namespaced_service(md.name, md.namespace)

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from modeldeploy import __version__, api, builders, handlers, metrics
+from modeldeploy import __version__, api, handlers, metrics
+from modeldeploy.modeldeployment import builders
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "modeldeploy-operator"

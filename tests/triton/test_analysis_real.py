@@ -10,8 +10,8 @@ One tritonserver serves model ``canary`` in three versions, told apart by Triton
 * version 3: healthy but sleeps 200 ms per request.
 
 Traffic is a bounded loop of tritonclient HTTP requests on 127.0.0.1. Each verdict comes
-from :class:`modeldeploy.analysis.TritonAnalysis` (the windows the operator's
-:class:`modeldeploy.analysis_runner.AnalysisRunner` runs), once through Prometheus (Debian
+from :class:`modeldeploy.triton.analysis.TritonAnalysis` (the windows the operator's
+:class:`modeldeploy.modeldeployment.analysis_runner.AnalysisRunner` runs), once through Prometheus (Debian
 package, private process, 1 s scrape interval) and once by scraping the server's metrics port
 directly; the last test runs the runner itself across a restart.
 """
@@ -36,7 +36,7 @@ from hack import prometheus
 from hack.procutil import poll
 from hackmods import unavailable
 from modeldeploy import api
-from modeldeploy.analysis import PrometheusSource, ScrapeSource, Target, TritonAnalysis, window
+from modeldeploy.triton.analysis import PrometheusSource, ScrapeSource, Target, TritonAnalysis, window
 from tritonmodels import flaky_py
 
 pytestmark = pytest.mark.triton
@@ -141,7 +141,7 @@ class Stack:
 
 
 def _rows(text: str) -> list[tuple[str, dict[str, str], float]]:
-    from modeldeploy.analysis import parse_exposition
+    from modeldeploy.triton.analysis import parse_exposition
 
     return parse_exposition(text)
 
@@ -393,7 +393,7 @@ def test_a_window_resumed_after_a_restart_counts_from_its_persisted_start(stack:
     over from status: the window ends at its persisted start + interval, not an interval after the
     restart, and counts the requests of the whole window (scraping: from the start counters kept in
     status; Prometheus: asked for them at windowStart). Real clock, real server, real Prometheus."""
-    from modeldeploy.analysis_runner import AnalysisRunner
+    from modeldeploy.modeldeployment.analysis_runner import AnalysisRunner
 
     interval = 10.0
     spec = spec_for(1, kind, stack, interval="10s", minRequests=20, thresholds={"maxErrorRate": 0.05})

@@ -33,7 +33,7 @@ import tritonclient.http as httpclient
 from hack import s3server
 from hackmods import unavailable
 from modeldeploy import api
-from modeldeploy.tritonconfig import render_config_pbtxt
+from modeldeploy.triton.config import render_config_pbtxt
 from tritonmodels import scaler_py
 
 pytestmark = pytest.mark.triton

@@ -1,7 +1,7 @@
 """Rendered config.pbtxt files load and serve in a real tritonserver, and Triton's metrics count it.
 
 Every model repository here is written the way the operator writes one: the
-``config.pbtxt`` comes from :func:`modeldeploy.tritonconfig.render_config_pbtxt`.
+``config.pbtxt`` comes from :func:`modeldeploy.triton.config.render_config_pbtxt`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from hack.procutil import poll
 from modeldeploy import api
-from modeldeploy.tritonconfig import render_config_pbtxt
+from modeldeploy.triton.config import render_config_pbtxt
 from tritonmodels import scaler_py
 
 pytestmark = pytest.mark.triton

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from modeldeploy import api
-from modeldeploy.analysis import (
+from modeldeploy.triton.analysis import (
     Counters,
     MetricsUnavailable,
     PrometheusSource,

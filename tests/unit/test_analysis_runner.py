@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from modeldeploy import api
-from modeldeploy.analysis import Counters, MetricsUnavailable, Snapshot, Target, TritonAnalysis
-from modeldeploy.analysis_runner import AnalysisRunner, verdict_for
-from modeldeploy.kube import ApiError
+from modeldeploy.kube.client import ApiError
+from modeldeploy.modeldeployment.analysis_runner import AnalysisRunner, verdict_for
+from modeldeploy.triton.analysis import Counters, MetricsUnavailable, Snapshot, Target, TritonAnalysis
 
 T0 = 1_735_787_045.0  # 2025-01-02T03:04:05Z
 TIMEOUT = 5.0

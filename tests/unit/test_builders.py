@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, builders, staging
+from modeldeploy import api
 from modeldeploy.api import parse_quantity as _quantity
+from modeldeploy.modeldeployment import builders
+from modeldeploy.triton import staging
 
 OWNER = builders.Owner(name="resnet50", namespace="ml", uid="0b1c2d3e-0000-4000-8000-000000000001")
 REV = "a1b2c3d4e5"
@@ -109,7 +111,7 @@ def test_terminating_pods_drain_before_triton_stops() -> None:
 
 def test_drain_seconds_unset_leaves_the_revision_hash_as_it_was() -> None:
     """An operator upgrade that brings the field must not start a rollout of every ModelDeployment."""
-    from modeldeploy import revision
+    from modeldeploy.modeldeployment import revision
 
     unset = revision.revision_hash(spec_of())
     assert "drainSeconds" not in revision.pod_shaping(spec_of())["server"]

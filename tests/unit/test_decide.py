@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, builders, cli, decide, rollout
-from modeldeploy.observe import Observation
+from modeldeploy import api, cli
+from modeldeploy.modeldeployment import builders, decide, rollout
+from modeldeploy.modeldeployment.observe import Observation
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 UID = "00000000-0000-0000-0000-000000000000"

@@ -1,4 +1,4 @@
-"""Events posted in the background (modeldeploy.kube.EventSink): order per object, failures dropped,
+"""Events posted in the background (modeldeploy.kube.client.EventSink): order per object, failures dropped,
 everything queued posted before close returns."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from modeldeploy.kube import EventSink
+from modeldeploy.kube.client import EventSink
 
 
 def md(name: str) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def test_event_sink_logs_and_drops_a_failed_post(caplog: pytest.LogCaptureFixtur
         await sink.close()
         return posted
 
-    with caplog.at_level(logging.WARNING, logger="modeldeploy.kube"):
+    with caplog.at_level(logging.WARNING, logger="modeldeploy.kube.client"):
         assert asyncio.run(asyncio.wait_for(main(), 5)) == ["First", "Last"]
     assert any("could not post event Bad for a: refused" in r.getMessage() for r in caplog.records)
 
@@ -71,6 +71,6 @@ def test_event_sink_close_gives_up_after_its_drain_time(caplog: pytest.LogCaptur
         sink.post(md("a"), "Normal", "Queued", "m")
         await sink.close()
 
-    with caplog.at_level(logging.WARNING, logger="modeldeploy.kube"):
+    with caplog.at_level(logging.WARNING, logger="modeldeploy.kube.client"):
         asyncio.run(asyncio.wait_for(main(), 5))
     assert any("1 events not posted at shutdown" in r.getMessage() for r in caplog.records)

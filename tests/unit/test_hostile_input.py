@@ -41,11 +41,13 @@ import yaml
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from modeldeploy import api, builders, crdgen, revision, rollout, tritonconfig
-from modeldeploy.cache import Cache
-from modeldeploy.children import with_applied_hash
-from modeldeploy.kube import API_MAX_JSON_DEPTH, ApiError, yaml_safe_json
-from modeldeploy.reconcile import Reconciler
+from modeldeploy import api, crdgen
+from modeldeploy.kube.cache import Cache
+from modeldeploy.kube.client import API_MAX_JSON_DEPTH, ApiError, yaml_safe_json
+from modeldeploy.modeldeployment import builders, revision, rollout
+from modeldeploy.modeldeployment.children import with_applied_hash
+from modeldeploy.modeldeployment.reconcile import Reconciler
+from modeldeploy.triton import config as tritonconfig
 
 SPEC_SCHEMA: dict[str, Any] = crdgen.openapi_schema()["properties"]["spec"]
 #: Per spec, the chance (percent) that a schema node below the root gets a hostile value instead of a
@@ -254,7 +256,7 @@ def specs(draw: st.DrawFn) -> Any:
 
 @contextmanager
 def operator_recursion_limit() -> Iterator[None]:
-    """The recursion limit the operator runs with (``modeldeploy.kube`` raises it at import, so that
+    """The recursion limit the operator runs with (``modeldeploy.kube.client`` raises it at import, so that
     objects nested as deep as the API server accepts can be decoded, validated and copied).
 
     Hypothesis runs each example under a limit of its own, the caller's depth + 2000, which is below

@@ -1,4 +1,4 @@
-"""The fix for kopf's namespace list-then-watch gap (modeldeploy.kopfpatch), on kopf's own objects.
+"""The fix for kopf's namespace list-then-watch gap (modeldeploy.kube.kopfpatch), on kopf's own objects.
 The race itself is shown on the cluster: test_reliability's
 test_namespaces_created_during_startup_are_all_served."""
 
@@ -10,7 +10,7 @@ from typing import Any
 from kopf._cogs.structs import references
 from kopf._core.reactor import observation
 
-from modeldeploy import kopfpatch
+from modeldeploy.kube import kopfpatch
 
 
 def _event(name: str, type_: str | None, **meta: Any) -> Any:

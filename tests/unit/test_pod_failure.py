@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from modeldeploy import api, builders
-from modeldeploy.observe import observe_revision, pod_failure
+from modeldeploy import api
+from modeldeploy.modeldeployment import builders
+from modeldeploy.modeldeployment.observe import observe_revision, pod_failure
 
 STAGER_LOG = (
     "staging s3://models/repo into /models\n"

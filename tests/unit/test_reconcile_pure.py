@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, builders, rollout
-from modeldeploy.cache import Cache, slim
-from modeldeploy.children import APPLIED_ANNOTATION, contains, needs_apply, with_applied_hash
-from modeldeploy.observe import observe_revision
+from modeldeploy import api
+from modeldeploy.kube.cache import Cache, slim
+from modeldeploy.modeldeployment import builders, rollout
+from modeldeploy.modeldeployment.children import APPLIED_ANNOTATION, contains, needs_apply, with_applied_hash
+from modeldeploy.modeldeployment.observe import observe_revision
 
 # --------------------------------------------------------------------------- contains
 
@@ -438,8 +439,8 @@ def test_cache_keeps_an_object_without_managed_fields_as_it_is() -> None:
 
 def test_annotation_command_counts_once_per_value() -> None:
     from modeldeploy.api import PROMOTE_ANNOTATION
-    from modeldeploy.decide import fresh as _fresh
-    from modeldeploy.decide import remember_nonces as _remember_nonces
+    from modeldeploy.modeldeployment.decide import fresh as _fresh
+    from modeldeploy.modeldeployment.decide import remember_nonces as _remember_nonces
 
     state = api.RolloutState(state=rollout.PROGRESSING, stable_revision=1, candidate_revision=2)
     ann = {PROMOTE_ANNOTATION: "2025-01-01T00:00:00Z"}

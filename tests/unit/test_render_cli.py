@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from modeldeploy import builders, cli, crdgen
+from modeldeploy import cli, crdgen
+from modeldeploy.modeldeployment import builders
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"

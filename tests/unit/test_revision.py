@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, revision
+from modeldeploy import api
+from modeldeploy.modeldeployment import revision
 
 BASE: dict[str, Any] = {
     "model": {

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, rollout
-from modeldeploy.rollout import (
+from modeldeploy import api
+from modeldeploy.modeldeployment import rollout
+from modeldeploy.modeldeployment.rollout import (
     ABORTED,
     IDLE,
     PAUSED,

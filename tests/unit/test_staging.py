@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from modeldeploy import staging
-from modeldeploy.staging import (
+from modeldeploy.triton import staging
+from modeldeploy.triton.staging import (
     S3Location,
     Settings,
     StageError,

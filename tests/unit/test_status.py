@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from modeldeploy import api, rollout, status
+from modeldeploy import api
+from modeldeploy.modeldeployment import rollout, status
 
 T1, T2, T3 = "2025-01-01T00:00:00Z", "2025-01-01T00:05:00Z", "2025-01-01T00:10:00Z"
 

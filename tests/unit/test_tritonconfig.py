@@ -13,12 +13,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import model_config_pb2 as pb
 
 from modeldeploy import api
-from modeldeploy.tritonconfig import (
-    FORMAT_RUNTIME,
-    ConfigRenderError,
-    config_hash,
-    render_config_pbtxt,
-)
+from modeldeploy.triton.config import FORMAT_RUNTIME, ConfigRenderError, config_hash, render_config_pbtxt
 
 DATA_TYPES = [
     "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8", "TYPE_INT16",

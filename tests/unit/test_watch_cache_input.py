@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from modeldeploy import builders
-from modeldeploy.cache import Cache
-from modeldeploy.children import owns_replicas as _owns_replicas
 from modeldeploy.handlers import for_cache
+from modeldeploy.kube.cache import Cache
+from modeldeploy.modeldeployment import builders
+from modeldeploy.modeldeployment.children import owns_replicas as _owns_replicas
 
 
 def deployment(*managed: dict[str, Any]) -> dict[str, Any]:

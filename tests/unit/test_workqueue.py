@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from modeldeploy.workqueue import Backoff, WorkQueue
+from modeldeploy.kube.workqueue import Backoff, WorkQueue
 
 
 class Recorder:
@@ -244,12 +244,12 @@ def test_workqueue_retries_a_failing_key_with_exponential_backoff_reset_on_succe
         await q.stop()
         return q.delays, after_success, first_timer
 
-    with caplog.at_level(logging.INFO, logger="modeldeploy.workqueue"):
+    with caplog.at_level(logging.INFO, logger="modeldeploy.kube.workqueue"):
         delays, after_success, first_timer = run(main())
     assert delays == [10, 20, 25, 10]
     assert first_timer is not None and 9 < first_timer <= 10
     assert after_success == 0
-    errors = [r for r in caplog.records if r.name == "modeldeploy.workqueue"]
+    errors = [r for r in caplog.records if r.name == "modeldeploy.kube.workqueue"]
     assert len(errors) == 4
     # A stack trace on the first failure in a row only; then one line with the count and the next delay.
     assert errors[0].exc_info is not None and "retrying in 10.0 s" in errors[0].getMessage()

@@ -26,8 +26,8 @@ import aiohttp
 import kopf
 from prometheus_client import Counter
 
-from . import timeutil
-from .builders import MANAGER
+from .. import timeutil
+from ..api import MANAGER
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import api, rollout
+from .. import api
+from . import rollout
 
 READY, PROGRESSING, DEGRADED, ROLLED_BACK = "Ready", "Progressing", "Degraded", "RolledBack"
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import api, builders, rollout
-from .analysis import PENDING
+from .. import api
+from ..timeutil import rfc3339
+from ..triton.analysis import PENDING
+from . import builders, rollout
 from .analysis_runner import verdict_for
-from .timeutil import rfc3339
 
 # A container waiting for one of these will not start without a change to the spec or the node.
 _STUCK_WAITING = frozenset(

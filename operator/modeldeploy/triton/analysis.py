@@ -43,7 +43,7 @@ Three layers, each usable alone:
   snapshot, judges, and starts the next window right away (analysis continues through a step's
   pause, and a later failing window still fails the step). A ``Fail`` is final for the step. The
   operator runs them on their own schedule, out of the reconcile, with
-  :class:`modeldeploy.analysis_runner.AnalysisRunner`, which persists each result in status.
+  :class:`modeldeploy.modeldeployment.analysis_runner.AnalysisRunner`, which persists each result in status.
 
 Relative-to-stable limits (``maxErrorRateVsStable``, ``maxLatencyVsStable``):
 
@@ -74,7 +74,7 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import api, timeutil
+from .. import api, timeutil
 
 log = logging.getLogger(__name__)
 
@@ -652,10 +652,11 @@ class TritonAnalysis:
     ``analysis.scrape: true`` -> direct scraping of the revision's pods (``pods_for``);
     neither -> ``default_prometheus_url`` when the operator has one, else scraping.
 
-    The operator drives :meth:`measure` from :class:`modeldeploy.analysis_runner.AnalysisRunner`,
-    on the windows' own schedule, with the windows persisted in status. Calling the provider
-    (``await ta(md, spec, state, stable, candidate)``) drives the same windows from the caller's
-    calls instead, kept in memory per (namespace, name, candidate hash, step).
+    The operator drives :meth:`measure` from
+    :class:`modeldeploy.modeldeployment.analysis_runner.AnalysisRunner`, on the windows' own
+    schedule, with the windows persisted in status. Calling the provider (``await ta(md, spec,
+    state, stable, candidate)``) drives the same windows from the caller's calls instead, kept in
+    memory per (namespace, name, candidate hash, step).
     """
 
     def __init__(

@@ -5,7 +5,7 @@ children, and on a periodic resync:
 
 1. **observe** (:meth:`Reconciler.observe`): the ModelDeployment, its children and pods from the watch
    cache (no API reads), the existence of what its spec refers to, the candidate's analysis verdict;
-2. **decide** (:func:`modeldeploy.decide.decide`, pure): the next rollout state, status, Events and the
+2. **decide** (:func:`.decide.decide`, pure): the next rollout state, status, Events and the
    desired children;
 3. **act** (:meth:`Reconciler.act`): the status is written *before* anything is done on the new state
    (an operator killed at any moment resumes from the last persisted step), then Events, then the
@@ -26,10 +26,11 @@ from typing import Any, Protocol
 
 import pydantic
 
-from . import api, builders, children, decide, rollout, status
-from .cache import Cache
+from .. import api
+from ..kube.cache import Cache
+from ..kube.client import ApiError, Kube, path_for
+from . import builders, children, decide, rollout, status
 from .children import APPLIED_ANNOTATION, HANDOVER_MANAGER, needs_apply, owns_replicas, with_applied_hash
-from .kube import ApiError, Kube, path_for
 from .observe import Observation, Refusals, references
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class Reconciler:
         async with self._priming.setdefault(namespace, asyncio.Lock()):  # one listing, not one per worker
             if namespace in self._primed:
                 return
-            selector = f"app.kubernetes.io/managed-by={builders.MANAGER}"
+            selector = f"app.kubernetes.io/managed-by={api.MANAGER}"
             for kind in children.WATCHED_KINDS:
                 for obj in await self.kube.list(kind, namespace, selector):
                     obj.setdefault("kind", kind)

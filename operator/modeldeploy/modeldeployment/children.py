@@ -12,7 +12,8 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from . import api, builders, revision, rollout
+from .. import api
+from . import builders, revision, rollout
 
 #: The kinds the operator creates, in the order they are applied (a Deployment's ConfigMap first).
 APPLY_ORDER = (
@@ -186,7 +187,7 @@ def owns_replicas(dep: dict[str, Any]) -> bool:
     """Whether our apply manager owns a Deployment's spec.replicas (so dropping it would reset it)."""
     for entry in dep["metadata"].get("managedFields") or []:
         if (
-            entry.get("manager") == builders.MANAGER
+            entry.get("manager") == api.MANAGER
             and entry.get("operation") == "Apply"
             and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
         ):

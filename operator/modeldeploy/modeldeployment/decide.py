@@ -1,4 +1,4 @@
-"""Decide: the pure middle of a reconcile, from an :class:`~modeldeploy.observe.Observation` to a
+"""Decide: the pure middle of a reconcile, from an :class:`~.observe.Observation` to a
 :class:`Decision` (the next status, the Events, the desired children, when to look again).
 
 Nothing here does I/O or reads a clock: the same observation always gives the same decision, so
@@ -6,8 +6,8 @@ every path, the error paths included, is unit-tested with in-memory views.
 
 In order: the spec must be usable (else status says why and nothing running is touched); the revision
 the spec asks for is found in, or added to, ``status.history``; its references must exist; the rollout
-state machine (:func:`modeldeploy.rollout.advance`) takes at most one step; the status follows from the
-new state and what the pods show; the children follow from the new state (:mod:`modeldeploy.children`).
+state machine (:func:`.rollout.advance`) takes at most one step; the status follows from the
+new state and what the pods show; the children follow from the new state (:mod:`.children`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api, builders, revision, rollout, status
+from .. import api
+from . import builders, revision, rollout, status
 from .children import desired_children
 from .observe import Observation, references
 
@@ -223,7 +224,7 @@ def new_record(
 
 
 def preflight(obs: Observation, spec: api.ModelDeploymentSpec) -> Problem | None:
-    """Objects the model needs that do not exist (observed by :func:`modeldeploy.observe.references`;
+    """Objects the model needs that do not exist (observed by :func:`.observe.references`;
     one not observed counts as present: its pods will say if it is not)."""
     ns = obs.owner.namespace
     for kind, name in references(spec):
@@ -374,7 +375,7 @@ def status_of(
     st.ready_replicas = sum(o.ready for o in revs.values())
     st.ready = f"{serving_obs.ready}/{total}"
     owner = obs.owner
-    st.selector = f"{builders.LABEL_NAME}={owner.name},{_COMPONENT}={builders.COMPONENT_SERVER}"
+    st.selector = f"{api.LABEL_NAME}={owner.name},{_COMPONENT}={builders.COMPONENT_SERVER}"
     by_number = {r.revision: r for r in history}
     serving = by_number.get(stable_n) if stable_n else None
     st.serving_version = serving.model_version if serving else None

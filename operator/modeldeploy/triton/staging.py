@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import timeutil
+from .. import timeutil
 
 SUPPORTED_SCHEMES = {"pvc", "http", "https", "s3", "gs", "as"}
 CLOUD_SCHEMES = {"s3", "gs", "as"}

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import api, tritonconfig
+from .. import api
+from ..api import LABEL_NAME, MANAGER
+from ..triton import config as tritonconfig
 
-MANAGER = "modeldeploy-operator"
-LABEL_NAME = "modeldeploy.io/name"
 LABEL_REVISION = "modeldeploy.io/revision"
 PROM_LABEL_NAME = "modeldeploy_io_name"  # LABEL_NAME as Prometheus relabels pod labels
 ANNOTATION_REVISION_NUMBER = "modeldeploy.io/revision-number"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
-from . import api
+from .. import api
 
 #: format -> (platform, backend) written into config.pbtxt (None: left for Triton to infer).
 FORMAT_RUNTIME: dict[api.ModelFormat, tuple[str | None, str | None]] = {

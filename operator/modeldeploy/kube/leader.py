@@ -15,8 +15,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from . import timeutil
-from .kube import ApiError, Kube
+from .. import timeutil
+from .client import ApiError, Kube
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The analysis windows on their own schedule, out of the reconcile.
 
 One asyncio task per ModelDeployment under analysis measures windows of ``analysis.interval``
-(:meth:`modeldeploy.analysis.TritonAnalysis.measure`: the maths, verdict rules and inconclusive
+(:meth:`modeldeploy.triton.analysis.TritonAnalysis.measure`: the maths, verdict rules and inconclusive
 counting) and after each one writes ``status.lastAnalysis`` and asks for a reconcile. The
 reconcile never waits for metrics: it reads the persisted verdict with :func:`verdict_for`, and
 tells the runner which window should run (:meth:`AnalysisRunner.ensure`) or that none should
@@ -25,9 +25,9 @@ from typing import Any
 
 import pydantic
 
-from . import api
-from .analysis import FAIL, Counters, HistorySource, Snapshot, TritonAnalysis, Window
-from .kube import ApiError
+from .. import api
+from ..kube.client import ApiError
+from ..triton.analysis import FAIL, Counters, HistorySource, Snapshot, TritonAnalysis, Window
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import api, builders
+from .. import api
 
 #: Pod fields the reconcile reads (readiness, crash loops, IPs for direct scraping): the rest of a Pod
 #: (its spec, most of its metadata) is dropped before caching.
@@ -34,7 +34,7 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
     managed = meta.get("managedFields")
     if managed is None:
         return obj
-    ours = [m for m in managed if m.get("manager") == builders.MANAGER and m.get("operation") == "Apply"]
+    ours = [m for m in managed if m.get("manager") == api.MANAGER and m.get("operation") == "Apply"]
     return {**obj, "metadata": {**meta, "managedFields": ours}}
 
 
@@ -50,7 +50,7 @@ class Cache:
     def _owner(obj: dict[str, Any]) -> str:
         if obj.get("kind") == api.KIND:
             return str(obj["metadata"]["name"])
-        return str((obj["metadata"].get("labels") or {}).get(builders.LABEL_NAME, ""))
+        return str((obj["metadata"].get("labels") or {}).get(api.LABEL_NAME, ""))
 
     def put(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]

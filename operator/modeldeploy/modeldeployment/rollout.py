@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from . import api, timeutil
+from .. import api, timeutil
 
 # The phases by their old names: the reconcile and the tests compare against these.
 IDLE: Final = api.RolloutPhase.idle

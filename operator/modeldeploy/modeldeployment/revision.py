@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from . import api
+from .. import api
 
 HASH_LENGTH = 10
 
