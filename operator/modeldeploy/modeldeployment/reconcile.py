@@ -20,9 +20,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import pydantic
 
@@ -30,6 +30,7 @@ from .. import api
 from ..kube.cache import Cache
 from ..kube.client import ApiError, Kube, path_for
 from . import builders, children, decide, rollout, status
+from .analysis_runner import AnalysisRunner
 from .children import APPLIED_ANNOTATION, HANDOVER_MANAGER, needs_apply, owns_replicas, with_applied_hash
 from .observe import Observation, Refusals, references
 
@@ -43,21 +44,6 @@ EXISTS_TTL_SECONDS = 10.0
 _FIRST_KINDS = ("ConfigMap",)
 
 
-class AnalysisWindows(Protocol):
-    """The analysis windows, run out of the reconcile (:class:`.analysis_runner.AnalysisRunner`)."""
-
-    def ensure(
-        self,
-        md: dict[str, Any],
-        spec: api.ModelDeploymentSpec,
-        state: api.RolloutState,
-        stable_hash: str,
-        candidate_hash: str,
-    ) -> None: ...
-
-    def stop(self, namespace: str, name: str) -> None: ...
-
-
 @dataclass
 class Outcome:
     writes: int = 0
@@ -69,28 +55,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(eq=False)
 class Reconciler:
-    def __init__(
-        self,
-        kube: Kube,
-        cache: Cache,
-        *,
-        post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]],
-        analysis: AnalysisWindows | None = None,
-        stager_image: str = builders.DEFAULT_STAGER_IMAGE,
-        clock: Callable[[], datetime] = _now,
-    ) -> None:
-        self.kube = kube
-        self.cache = cache
-        self.post_event = post_event
-        self.analysis = analysis
-        self.stager_image = stager_image
-        self.clock = clock
-        self._seen: dict[tuple[str, str, str], tuple[float, bool]] = {}
-        self._primed: set[str] = set()
-        self._priming: dict[str, asyncio.Lock] = {}
-        # Children the API server refused, per ModelDeployment.
-        self._rejected: dict[tuple[str, str], Refusals] = {}
+    kube: Kube
+    cache: Cache
+    _: KW_ONLY
+    post_event: Callable[[dict[str, Any], str, str, str], Awaitable[None]]
+    #: The analysis windows, run beside the reconcile; None: no analysis gate (tests, `render`).
+    analysis: AnalysisRunner | None = None
+    stager_image: str = builders.DEFAULT_STAGER_IMAGE
+    clock: Callable[[], datetime] = _now
+    #: Existence of referenced objects: key -> (monotonic time seen, exists).
+    _seen: dict[tuple[str, str, str], tuple[float, bool]] = field(default_factory=dict, init=False)
+    _primed: set[str] = field(default_factory=set, init=False)
+    _priming: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+    #: Children the API server refused, per ModelDeployment.
+    _rejected: dict[tuple[str, str], Refusals] = field(default_factory=dict, init=False)
 
     async def reconcile(self, namespace: str, name: str) -> Outcome:
         md = self.cache.get(api.KIND, namespace, name)
