@@ -1,4 +1,5 @@
-"""What the watch handlers put into the cache (modeldeploy.handlers.for_cache)."""
+"""What the watch cache keeps of what the watches deliver (``handlers.for_cache`` then
+``Cache.put``, which slims) and of our own writes' responses (``Cache.put`` alone)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from modeldeploy.handlers import for_cache
 from modeldeploy.kube.cache import Cache
 from modeldeploy.modeldeployment import builders
 from modeldeploy.modeldeployment.children import owns_replicas as _owns_replicas
+
+
+def cached(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``body`` as a watch event delivers it, after the cache took it."""
+    cache = Cache()
+    cache.put(for_cache(body, kind))
+    meta = body["metadata"]
+    obj = cache.get(kind, meta.get("namespace", ""), meta["name"])
+    assert obj is not None
+    return obj
 
 
 def deployment(*managed: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +56,7 @@ CONTROLLER = {
 HPA_OWNS_REPLICAS = {"manager": "hpa", "operation": "Update", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
 
 
-def test_for_cache_keeps_only_whether_our_apply_owns_replicas() -> None:
+def test_the_cache_keeps_only_whether_our_apply_owns_replicas() -> None:
     for managed, owns in (
         ((OURS_WITH_REPLICAS, CONTROLLER), True),
         ((OURS_WITHOUT, CONTROLLER, HPA_OWNS_REPLICAS), False),
@@ -54,7 +65,7 @@ def test_for_cache_keeps_only_whether_our_apply_owns_replicas() -> None:
     ):
         body = deployment(*copy.deepcopy(managed))
         original = copy.deepcopy(body)
-        obj = for_cache(body, "Deployment")
+        obj = cached(body, "Deployment")
         assert body == original  # the watch event's body is not modified
         assert obj["kind"] == "Deployment"
         assert _owns_replicas(obj) is owns is _owns_replicas(body)
@@ -66,19 +77,21 @@ def test_for_cache_keeps_only_whether_our_apply_owns_replicas() -> None:
             k: v for k, v in body["metadata"].items() if k != "managedFields"
         }
         cache = Cache()
-        cache.put(obj)
-        cached = cache.get("Deployment", "ns", "d")
-        assert cached is not None and _owns_replicas(cached) is owns
-        assert cache.owned("Deployment", "ns", "m") == [cached]
+        cache.put(for_cache(body, "Deployment"))
+        assert cache.owned("Deployment", "ns", "m") == [obj]
+        # the response to our own apply (a whole object, kind included) is kept the same way
+        response = Cache()
+        response.put({**copy.deepcopy(body), "kind": "Deployment"})
+        assert response.get("Deployment", "ns", "d") == obj
 
 
-def test_for_cache_leaves_an_object_without_managed_fields_as_it_is() -> None:
+def test_the_cache_keeps_an_object_without_managed_fields_as_it_is() -> None:
     body = {"metadata": {"name": "s", "namespace": "ns"}, "spec": {"ports": []}}
-    assert for_cache(body, "Service") == {**body, "kind": "Service"}
+    assert cached(body, "Service") == {**body, "kind": "Service"}
     assert for_cache({**body, "kind": "Service"}, "Pod")["kind"] == "Service"
 
 
-def test_for_cache_shares_keys_and_short_strings_across_objects() -> None:
+def test_the_cache_shares_keys_and_short_strings_across_objects() -> None:
     import json
 
     def decoded(i: int) -> dict[str, Any]:  # each event is decoded on its own, as kopf does
@@ -94,22 +107,26 @@ def test_for_cache_shares_keys_and_short_strings_across_objects() -> None:
             )
         )
 
-    a, b = for_cache(decoded(1), "Service"), for_cache(decoded(2), "Service")
+    cache = Cache()
+    cache.put(for_cache(decoded(1), "Service"))
+    cache.put({**decoded(2), "kind": "Service"})  # the response to our own write
+    a, b = cache.get("Service", "ns", "svc-1"), cache.get("Service", "ns", "svc-2")
+    assert a is not None and b is not None
     assert a == {**decoded(1), "kind": "Service"} and b == {**decoded(2), "kind": "Service"}
     assert next(iter(a["spec"]["ports"][0])) is next(iter(b["spec"]["ports"][0]))  # the key "name"
     assert a["spec"]["ports"][0]["protocol"] is b["spec"]["ports"][0]["protocol"]
     assert a["metadata"]["labels"]["tier"] is b["metadata"]["labels"]["tier"]
     assert a["status"]["message"] is not b["status"]["message"]  # long strings are left alone
     pod = {"metadata": {"name": "p"}, "status": {"phase": "Running"}}
-    assert for_cache(pod, "Pod")["status"] is pod["status"]  # pods: the cache trims them itself
+    assert cached(pod, "Pod")["status"] == pod["status"]  # pods: trimmed to what a reconcile reads
 
 
-def test_for_cache_takes_the_deepest_object_the_api_server_accepts() -> None:
+def test_the_cache_takes_the_deepest_object_the_api_server_accepts() -> None:
     deep: dict[str, Any] = {}
     node = deep
     for _ in range(9_990):
         node["a"] = {}
         node = node["a"]
     body = {"metadata": {"name": "m", "namespace": "ns"}, "spec": {"server": {"affinity": deep}}}
-    obj = for_cache(body, "ModelDeployment")
+    obj = cached(body, "ModelDeployment")
     assert obj["spec"]["server"]["affinity"] == deep
