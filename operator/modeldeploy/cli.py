@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import sys
 from typing import Any
 
@@ -82,6 +84,28 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.fn(args) or 0)
 
 
+#: glibc's mallopt parameter, and the threshold: its default, made fixed.
+_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024
+
+
+def fixed_mmap_threshold() -> bool:
+    """Keep glibc's mmap threshold at its 128 KiB default instead of letting it rise.
+
+    glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), so after the
+    first large buffer is released (an SSL connection's 256 KiB read buffer, a LIST response) the
+    next ones come from the heap, where freed space between long-lived objects is never given back:
+    the operator kept its burst-time peak for good. Fixed, large buffers are mmapped and returned
+    when freed. ``make bench``'s measure, 1000 ModelDeployments created at once: peak RSS 154 -> 130
+    MiB, 120 MiB after. ``MALLOC_MMAP_THRESHOLD_`` in the environment still wins; elsewhere than
+    glibc this does nothing. Returns whether it was set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def operator_main(argv: list[str] | None = None) -> int:
     """``modeldeploy-operator run [kopf run options]``: kopf with our handlers module.
     Without -n/--namespace it watches all namespaces."""
@@ -100,6 +124,7 @@ def operator_main(argv: list[str] | None = None) -> int:
         )
         return 2
     rest = argv[1:]
+    fixed_mmap_threshold()
     if not any(a in ("-A", "--all-namespaces") or a.startswith(("-n", "--namespace")) for a in rest):
         rest.append("--all-namespaces")
     kopf.cli.main(["run", "-m", "modeldeploy.handlers", *rest], standalone_mode=False)
