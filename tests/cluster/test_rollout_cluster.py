@@ -108,6 +108,13 @@ class Observer:
 
     def snap(self) -> Snap:
         ns, name = self.md.namespace, self.md.name
+        hpa = None
+        if self.hpa:
+            # Read before the status: the operator persists a transition's status first and applies
+            # the HPA after it, so an HPA read first is never newer than the status read next (read
+            # after, it could be the next state's HPA beside this state's status).
+            h = self.cluster.autoscaling.read_namespaced_horizontal_pod_autoscaler(name, ns)
+            hpa = (h.spec.scale_target_ref.name, h.spec.min_replicas)
         obj = self.md.get()
         status = dict(obj.get("status") or {})
         revs = self._rev_of_hash(status)
@@ -138,10 +145,6 @@ class Observer:
         for pod in ready_pods:
             rev = pods.get(pod, -1)
             endpoints[rev] = endpoints.get(rev, 0) + 1
-        hpa = None
-        if self.hpa:
-            h = self.cluster.autoscaling.read_namespaced_horizontal_pod_autoscaler(name, ns)
-            hpa = (h.spec.scale_target_ref.name, h.spec.min_replicas)
         main_hash = self._selector_hash(name)
         preview_hash = self._selector_hash(f"{name}-preview") if self.preview else None
         if any(h is not None and h not in revs for h in (main_hash, preview_hash)) or -1 in endpoints:
