@@ -132,7 +132,11 @@ def settled(md: Model, expected: dict[int, int], timeout: float = 60) -> None:
         interval=0.2,
         message=lambda: f"endpoints {expected}, have {md.endpoints_by_revision()}",
     )
-    changed = md.endpoints_changed_at()
+    seen = time.time()
+    # The slices changed at or before ``seen``, and before the end of the whole second managedFields
+    # records: a rules sync queued at or after the earlier of the two follows the change. (The whole
+    # second itself is too early: a sync queued for an earlier change in that second passed for it.)
+    changed = min(md.endpoints_changed_at() + 1, seen)
     wait_for(
         lambda: kube_proxy_caught_up(KUBE_PROXY_METRICS, changed), 30, interval=0.2, message="kube-proxy sync"
     )
