@@ -8,8 +8,8 @@ from typing import Any
 
 from modeldeploy.handlers import for_cache
 from modeldeploy.kube.cache import Cache
+from modeldeploy.kube.cache import owns_replicas as _owns_replicas
 from modeldeploy.modeldeployment import builders
-from modeldeploy.modeldeployment.children import owns_replicas as _owns_replicas
 
 
 def cached(body: dict[str, Any], kind: str) -> dict[str, Any]:

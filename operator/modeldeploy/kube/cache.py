@@ -19,7 +19,7 @@ _POD_STATUS = ("phase", "conditions", "containerStatuses", "initContainerStatuse
 
 
 #: What a reconcile reads of ``managedFields``: whether our apply owns a Deployment's replicas (to hand
-#: them over to an HPA, ``children.owns_replicas``).
+#: them over to an HPA, :func:`owns_replicas`).
 _OWNS_REPLICAS = {
     "manager": api.MANAGER,
     "operation": "Apply",
@@ -54,15 +54,21 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
         return pod
     managed = meta.get("managedFields")
     if managed is not None:
-        owns = any(
-            m.get("manager") == api.MANAGER
-            and m.get("operation") == "Apply"
-            and "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})
-            for m in managed
-        )
-        obj = {**obj, "metadata": {**meta, "managedFields": [_OWNS_REPLICAS] if owns else []}}
+        obj = {**obj, "metadata": {**meta, "managedFields": [_OWNS_REPLICAS] if owns_replicas(obj) else []}}
     shared: dict[str, Any] = _shared(obj)
     return shared
+
+
+def owns_replicas(obj: dict[str, Any]) -> bool:
+    """Whether our apply manager owns a Deployment's spec.replicas (so dropping it would reset it)."""
+    for entry in obj["metadata"].get("managedFields") or []:
+        if (
+            entry.get("manager") == api.MANAGER
+            and entry.get("operation") == "Apply"
+            and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        ):
+            return True
+    return False
 
 
 def _shared(value: Any) -> Any:

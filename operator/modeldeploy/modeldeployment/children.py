@@ -183,18 +183,6 @@ def needs_apply(live: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
     return not contains(live, body)
 
 
-def owns_replicas(dep: dict[str, Any]) -> bool:
-    """Whether our apply manager owns a Deployment's spec.replicas (so dropping it would reset it)."""
-    for entry in dep["metadata"].get("managedFields") or []:
-        if (
-            entry.get("manager") == api.MANAGER
-            and entry.get("operation") == "Apply"
-            and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
-        ):
-            return True
-    return False
-
-
 def first_revision(
     owner: builders.Owner, spec: api.ModelDeploymentSpec, *, created: str = ""
 ) -> tuple[api.RolloutState, dict[int, api.RevisionRecord]]:

@@ -27,11 +27,11 @@ from typing import Any
 import pydantic
 
 from .. import api
-from ..kube.cache import Cache
+from ..kube.cache import Cache, owns_replicas
 from ..kube.client import ApiError, Kube, path_for
 from . import builders, children, decide, rollout, status
 from .analysis_runner import AnalysisRunner
-from .children import APPLIED_ANNOTATION, HANDOVER_MANAGER, needs_apply, owns_replicas, with_applied_hash
+from .children import APPLIED_ANNOTATION, HANDOVER_MANAGER, needs_apply, with_applied_hash
 from .observe import Observation, Refusals, references
 
 log = logging.getLogger(__name__)
