@@ -957,6 +957,36 @@ class LocalControlPlane:
             self.save_state()
         return elapsed
 
+    def restart_controllers(self) -> float:
+        """Stop and start kube-controller-manager, kube-scheduler and kwok; seconds until healthy.
+
+        After a long API server outage their informers keep client-go's reflector backoff (up to 30 s,
+        doubled by jitter, reset only after 2 minutes without a failure), so even a short outage soon
+        after takes them a minute to notice. A real control plane runs them leader-elected: they exit
+        when they cannot renew their lease during such an outage and are started anew. Here they run
+        without leader election, and a test that takes the API away restarts them itself."""
+        t0 = time.monotonic()
+        for name in ("kwok", "kube-scheduler", "kube-controller-manager"):
+            proc = self.processes.get(name)
+            if proc is not None:
+                proc.stop()
+        self._spawn("kube-controller-manager", self._controller_manager_argv())
+        self._spawn("kube-scheduler", self._scheduler_argv())
+        self._wait(
+            "kube-controller-manager and kube-scheduler /healthz after restart",
+            lambda: (
+                self._healthz_https(self.ports["controller-manager"])
+                and self._healthz_https(self.ports["scheduler"])
+            ),
+            list(self.ORDER[:4]),
+        )
+        self._spawn("kwok", self._kwok_argv())
+        self._wait("kwok /healthz after restart", self._kwok_healthy, list(self.ORDER))
+        self._wait("fake nodes Ready after restart", self._nodes_ready, list(self.ORDER))
+        if self.state_file.exists():
+            self.save_state()
+        return time.monotonic() - t0
+
     def is_running(self) -> bool:
         return bool(self.processes) and all(
             name in self.processes and self.processes[name].alive() for name in self.components
