@@ -344,7 +344,7 @@ def status_of(
     history: list[api.RevisionRecord],
 ) -> api.ModelDeploymentStatus:
     """The one status computation: phase, conditions and counts from the new state and the pods."""
-    st = obs.old_status.model_copy(deep=True)  # lastAnalysis is the analysis windows' to write
+    st = obs.old_status.model_copy()  # every field but lastAnalysis (the windows' to write) is set below
     empty = rollout.RevisionObservation()
     stable_n, cand_n = state.stable_revision, state.candidate_revision
     stable_obs = revs.get(stable_n, empty) if stable_n else None

@@ -190,11 +190,13 @@ class Reconciler:
         meta = obs.md["metadata"]
         ns, name = meta["namespace"], meta["name"]
         old, new = obs.old_status, decision.status
-        if new != old:
-            changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(old, k)]
-            log.debug("%s/%s: status changes: %s", ns, name, ", ".join(changed))
-            patch = status.status_patch(decide.dump_status(old), decide.dump_status(new))
-            self._remember_own_write(await self.kube.patch_status(api.KIND, ns, name, patch))
+        # The status goes first: it persists the rollout step taken, which the applies carry out. Before
+        # any step was persisted (a new ModelDeployment's first revision, decided from the spec alone)
+        # there is nothing to resume from, and the two go together.
+        write_status = self._write_status(ns, name, old, new) if new != old else None
+        if write_status is not None and (old.rollout is not None or decision.children is None):
+            await write_status
+            write_status = None
         events = list(decision.events)
         for ev in events:
             await self.post_event(dict(obs.md), *ev)
@@ -207,7 +209,17 @@ class Reconciler:
                 self.analysis.stop(ns, name)
         if decision.children is None:
             return Outcome(requeue_after=decision.requeue_after, events=events)
-        rejected = await self._apply_children(obs, decision.children)
+        if write_status is None:
+            rejected = await self._apply_children(obs, decision.children)
+        else:
+            wrote, applied = await asyncio.gather(
+                write_status, self._apply_children(obs, decision.children), return_exceptions=True
+            )
+            for result in (wrote, applied):
+                if isinstance(result, BaseException):
+                    raise result
+            assert not isinstance(applied, BaseException)
+            rejected = applied
         if rejected == obs.refused:
             return Outcome(requeue_after=decision.requeue_after, events=events)
         if rejected:
@@ -221,6 +233,14 @@ class Reconciler:
                 await self.post_event(dict(obs.md), *ev)
         # once more, so that status (and the rollout) reflect what was refused
         return Outcome(requeue_after=0.5, events=events)
+
+    async def _write_status(
+        self, ns: str, name: str, old: api.ModelDeploymentStatus, new: api.ModelDeploymentStatus
+    ) -> None:
+        changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(old, k)]
+        log.debug("%s/%s: status changes: %s", ns, name, ", ".join(changed))
+        patch = status.status_patch(decide.dump_status(old), decide.dump_status(new))
+        self._remember_own_write(await self.kube.patch_status(api.KIND, ns, name, patch))
 
     def _remember_own_write(self, obj: dict[str, Any] | None) -> None:
         """Put the object our status write returned into the cache at once. Until the watch delivers it,
