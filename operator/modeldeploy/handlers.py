@@ -202,7 +202,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         analysis=analysis,
         stager_image=os.environ.get("MODELDEPLOY_STAGER_IMAGE", builders.DEFAULT_STAGER_IMAGE),
     )
-    OP.queue = WorkQueue(_reconcile, workers=int(os.environ.get("MODELDEPLOY_WORKERS", "32")))
+    OP.queue = WorkQueue(
+        _reconcile,
+        workers=int(os.environ.get("MODELDEPLOY_WORKERS", "32")),
+        new_at_once=int(os.environ.get("MODELDEPLOY_NEW_AT_ONCE", "4")),
+    )
     OP.queue.start()
     if os.environ.get("MODELDEPLOY_LEADER_ELECTION", "").lower() in ("1", "true", "yes"):
         OP.leader = False

@@ -319,3 +319,33 @@ def test_workqueue_runs_keys_that_succeeded_before_ahead_of_new_ones() -> None:
 
 
 # --------------------------------------------------------------------------- annotation commands
+
+
+def test_workqueue_starts_at_most_new_at_once_new_keys_and_still_serves_known_ones() -> None:
+    async def main() -> tuple[int, list[tuple[str, str]]]:
+        rec = Recorder()
+        q = WorkQueue(rec, workers=8, new_at_once=2)
+        q.start()
+        q.add(("ns", "old"))
+        await until_idle(q)  # "old" has had a successful run
+        rec.gate.clear()
+        for i in range(6):
+            q.add(("ns", f"new{i}"))
+        for _ in range(50):
+            await asyncio.sleep(0.001)
+        held = sum(rec.active.values())  # new keys running while the gate is closed
+        q.add(("ns", "old"))  # a known key is not held back by the new ones' limit
+        for _ in range(200):
+            if rec.runs.count(("ns", "old")) == 2:
+                break
+            await asyncio.sleep(0.001)
+        rec.gate.set()
+        await until_idle(q)
+        await q.stop()
+        return held, rec.runs
+
+    held, runs = run(main())
+    assert held == 2
+    assert runs.count(("ns", "old")) == 2 and runs.index(("ns", "old"), 1) < runs.index(("ns", "new2"))
+    assert [r for r in runs if r[1].startswith("new")] == [("ns", f"new{i}") for i in range(6)]
+    assert len(runs) == 8

@@ -42,7 +42,10 @@ class WorkQueue:
     Two lanes, first in first out each: keys that have had a successful run come before keys that
     have not. In a burst of creations each object's later events (its pod turned ready: one status
     write and it is Ready) then do not wait behind every first-time creation queued after it, which
-    made nearly every object of a burst turn Ready only at the end.
+    made nearly every object of a burst turn Ready only at the end. At most ``new_at_once`` keys of
+    the second lane run at once: the machine's share then goes to finishing the objects already
+    started (their pods, their Ready) instead of starting every new one at the same time, and in a
+    burst they turn Ready in the order they came, one after another.
     A key whose handler raised is retried after :class:`Backoff`'s delay (a watch event for it
     still runs it at once, as in client-go); its stack trace is logged on the first failure in a
     row only, later ones as one line with the count and the next delay."""
@@ -52,11 +55,14 @@ class WorkQueue:
         handler: Callable[[str, str], Any],
         *,
         workers: int = 8,
+        new_at_once: int | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self._handler = handler
-        self._tokens: asyncio.Queue[None] = asyncio.Queue()  # one per key in a lane
+        self._wake = asyncio.Event()  # set when a key may be takeable; workers re-check
         self._lanes: tuple[deque[Key], deque[Key]] = (deque(), deque())  # (succeeded before, not yet)
+        self._new_at_once = new_at_once or workers
+        self._running_new = 0
         self._succeeded: set[Key] = set()
         self._queued: set[Key] = set()
         self._running: set[Key] = set()
@@ -82,7 +88,7 @@ class WorkQueue:
         elif key not in self._queued:
             self._queued.add(key)
             self._lanes[0 if key in self._succeeded else 1].append(key)
-            self._tokens.put_nowait(None)
+            self._wake.set()
 
     def forget(self, key: Key) -> None:
         """The object is gone: drop what the queue remembers of it (its failures, its lane)."""
@@ -111,10 +117,23 @@ class WorkQueue:
     def idle(self) -> bool:
         return not self._queued and not self._running
 
+    def _take(self) -> tuple[Key, bool] | None:
+        """The next key to run, and whether it is new (second lane); None: nothing may run now."""
+        if self._lanes[0]:
+            return self._lanes[0].popleft(), False
+        if self._lanes[1] and self._running_new < self._new_at_once:
+            self._running_new += 1
+            return self._lanes[1].popleft(), True
+        return None
+
     async def _work(self) -> None:
         while True:
-            await self._tokens.get()
-            key = (self._lanes[0] or self._lanes[1]).popleft()
+            taken = self._take()
+            if taken is None:
+                self._wake.clear()  # no await since _take: an add() from now on sets it again
+                await self._wake.wait()
+                continue
+            key, new = taken
             self._queued.discard(key)
             self._running.add(key)
             try:
@@ -140,6 +159,9 @@ class WorkQueue:
                 self._succeeded.add(key)
             finally:
                 self._running.discard(key)
+                if new:
+                    self._running_new -= 1
+                    self._wake.set()
                 if key in self._dirty:
                     self._dirty.discard(key)
                     self.add(key)
