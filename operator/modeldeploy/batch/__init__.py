@@ -1,0 +1,1 @@
+"""BatchInference: offline scoring of a data set with Triton, sharded over an Indexed Job."""

@@ -1,0 +1,170 @@
+"""One input record (a JSON Lines line) as the model's input tensors, checked against its inputs.
+
+A record names its tensors after the model's inputs, in either of two shapes:
+
+* KServe v2 / Triton JSON tensors, as in an inference request:
+  ``{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]}]}``
+  (a leading batch dimension of 1 is accepted and dropped);
+* one field per input, its value nested lists (or a scalar) of the input's shape:
+  ``{"INPUT0": [1, 2, 3, 4]}``.
+
+Either way the result is one flat tensor per input with the shape the model declares (no batch
+dimension): the worker batches records itself. A record that does not fit raises
+:class:`RecordError` saying which input and why; it goes to the errors file, the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import api
+
+#: Triton config data type -> KServe v2 datatype.
+V2_TYPE = {
+    "TYPE_BOOL": "BOOL",
+    "TYPE_UINT8": "UINT8",
+    "TYPE_UINT16": "UINT16",
+    "TYPE_UINT32": "UINT32",
+    "TYPE_UINT64": "UINT64",
+    "TYPE_INT8": "INT8",
+    "TYPE_INT16": "INT16",
+    "TYPE_INT32": "INT32",
+    "TYPE_INT64": "INT64",
+    "TYPE_FP16": "FP16",
+    "TYPE_FP32": "FP32",
+    "TYPE_FP64": "FP64",
+    "TYPE_STRING": "BYTES",
+    "TYPE_BF16": "BF16",
+}
+
+_INT_RANGE = {
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+}
+
+
+class RecordError(ValueError):
+    """A record the model cannot take; the message names the input and the reason."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str  # KServe v2
+    shape: tuple[int, ...]
+    data: list[Any]  # flat, row-major
+
+
+def parse(line: bytes, inputs: list[api.TensorSpec]) -> dict[str, Tensor]:
+    """The record on ``line`` as one tensor per model input, by name."""
+    try:
+        body = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RecordError(f"a record is a JSON object, not {type(body).__name__}")
+    given = _v2_tensors(body) if "inputs" in body else _fields(body)
+    wanted = {spec.name: spec for spec in inputs}
+    unknown = sorted(given.keys() - wanted.keys())
+    if unknown:
+        raise RecordError(f"no model input named {', '.join(unknown)} (inputs: {', '.join(sorted(wanted))})")
+    missing = sorted(wanted.keys() - given.keys())
+    if missing:
+        raise RecordError(f"input {', '.join(missing)} missing")
+    return {name: _checked(wanted[name], *given[name]) for name in wanted}
+
+
+def _v2_tensors(body: dict[str, Any]) -> dict[str, tuple[str | None, list[int] | None, Any]]:
+    tensors = body["inputs"]
+    if not isinstance(tensors, list):
+        raise RecordError('"inputs" is a list of tensors ({"name", "datatype", "shape", "data"})')
+    out: dict[str, tuple[str | None, list[int] | None, Any]] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or "data" not in t:
+            raise RecordError(f"inputs[{i}] needs a name and data")
+        shape = t.get("shape")
+        if shape is not None and not (isinstance(shape, list) and all(type(d) is int for d in shape)):
+            raise RecordError(f"input {t['name']}: shape is a list of integers")
+        out[t["name"]] = (t.get("datatype"), shape, t["data"])
+    return out
+
+
+def _fields(body: dict[str, Any]) -> dict[str, tuple[str | None, list[int] | None, Any]]:
+    return {name: (None, None, value) for name, value in body.items()}
+
+
+def _checked(spec: api.TensorSpec, datatype: str | None, shape: list[int] | None, data: Any) -> Tensor:
+    want_type = V2_TYPE[spec.data_type]
+    if datatype is not None and datatype != want_type:
+        raise RecordError(f"input {spec.name}: datatype {datatype}, the model takes {want_type}")
+    if shape is None:
+        shape, flat = _nested_shape(spec.name, data), _flatten(data)
+    else:
+        flat = _flatten(data)
+        if math.prod(shape) != len(flat):
+            raise RecordError(
+                f"input {spec.name}: shape {shape} holds {math.prod(shape)} values, data has {len(flat)}"
+            )
+    if len(shape) == len(spec.dims) + 1 and shape[:1] == [1]:
+        shape = shape[1:]  # a batch of one
+    if len(shape) != len(spec.dims) or any(w != -1 and w != g for w, g in zip(spec.dims, shape, strict=True)):
+        raise RecordError(f"input {spec.name}: shape {shape}, the model takes {spec.dims} (-1: any size)")
+    for value in flat:
+        _check_value(spec.name, want_type, value)
+    return Tensor(spec.name, want_type, tuple(shape), flat)
+
+
+def _nested_shape(name: str, data: Any) -> list[int]:
+    shape: list[int] = []
+    level = data
+    while isinstance(level, list):
+        shape.append(len(level))
+        if not level:
+            break
+        level = level[0]
+
+    def check(node: Any, depth: int) -> None:
+        if depth == len(shape):
+            if isinstance(node, list):
+                raise RecordError(f"input {name}: ragged nesting (not a rectangular array)")
+            return
+        if not isinstance(node, list) or len(node) != shape[depth]:
+            raise RecordError(f"input {name}: ragged nesting (not a rectangular array)")
+        for child in node:
+            check(child, depth + 1)
+
+    check(data, 0)
+    return shape
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item))
+    return out
+
+
+def _check_value(name: str, datatype: str, value: Any) -> None:
+    ok: bool
+    if datatype == "BOOL":
+        ok = isinstance(value, bool)
+    elif datatype == "BYTES":
+        ok = isinstance(value, str)
+    elif datatype in _INT_RANGE:
+        low, high = _INT_RANGE[datatype]
+        ok = type(value) is int and low <= value <= high
+    else:  # FP16, FP32, FP64, BF16
+        ok = type(value) in (int, float) and math.isfinite(value)
+    if not ok:
+        raise RecordError(f"input {name}: {json.dumps(value)[:64]} is not a {datatype} value")
