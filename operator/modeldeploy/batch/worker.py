@@ -1,0 +1,130 @@
+"""What one worker pod of a BatchInference does with one shard: read its records, score them in
+batches with a bounded number of requests in flight, write its results and errors.
+
+A shard's outputs are written whole, errors first, results second, and a small commit marker
+(``done/part-NNNNN.json``: its record counts) last. Each is one PUT, which an object store makes
+visible complete or not at all; a shard is done once its marker exists, and a worker that starts
+again (the pod killed, the node lost) skips done shards and redoes the others from the beginning,
+overwriting whatever half of them was written. Every record is then answered exactly once.
+
+Inference goes through ``infer``: one request for a batch of records, one output dict per record.
+It raises :class:`Rejected` when the server refused the request's data (an HTTP 400: a record the
+model cannot take); the batch is then split in halves until the records it refuses are found, and
+those go to the errors file. Any other exception (the server unreachable, a timeout) fails the
+shard, to be tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import obstore
+
+from .. import api
+from . import records, shards
+
+#: One inference request: a batch of parsed records -> one {output name: tensor} per record.
+Infer = Callable[[list[dict[str, records.Tensor]]], Awaitable[list[dict[str, Any]]]]
+
+DONE_DIR = "done"
+
+
+class Rejected(Exception):
+    """The inference server refused the request's data (not a failure of the server)."""
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    index: int
+    records: int
+    failed: int
+    skipped: bool = False  # done before: nothing was read or sent
+
+
+def done_key(prefix: str, shard: shards.Shard) -> str:
+    return shards._join(prefix, DONE_DIR, f"part-{shard.index:05d}.json")
+
+
+async def run_shard(
+    shard: shards.Shard,
+    *,
+    source: Any,
+    sink: Any,
+    inputs: list[api.TensorSpec],
+    infer: Infer,
+    batch_size: int,
+    concurrency: int,
+    out_prefix: str = "",
+) -> ShardOutcome:
+    """Score one shard from ``source`` (an obstore store holding the input objects) into ``sink``
+    (one rooted at the output location), unless it is done already."""
+    marker = done_key(out_prefix, shard)
+    if await _exists(sink, marker):
+        counts = json.loads(bytes(await (await obstore.get_async(sink, marker)).bytes_async()))
+        return ShardOutcome(shard.index, counts["records"], counts["failed"], skipped=True)
+    size = (await obstore.head_async(source, shard.key))["size"]
+    begin, end = shards.read_range(shard, size)
+    data = (
+        bytes(await obstore.get_range_async(source, shard.key, start=begin, end=end)) if end > begin else b""
+    )
+
+    parsed: list[tuple[int, dict[str, records.Tensor]]] = []
+    errors: list[dict[str, Any]] = []
+    for offset, line in shards.lines(shard, data, begin, size):
+        if line is None:
+            errors.append(_error(shard, offset, f"record longer than {shards.MAX_RECORD_BYTES} bytes"))
+            continue
+        try:
+            parsed.append((offset, records.parse(line, inputs)))
+        except records.RecordError as exc:
+            errors.append(_error(shard, offset, str(exc)))
+
+    results: dict[int, dict[str, Any]] = {}
+    gate = asyncio.Semaphore(concurrency)
+
+    async def score(batch: list[tuple[int, dict[str, records.Tensor]]]) -> None:
+        try:
+            async with gate:
+                outputs = await infer([r for _, r in batch])
+        except Rejected as exc:
+            if len(batch) == 1:
+                errors.append(_error(shard, batch[0][0], f"refused by the inference server: {exc}"))
+                return
+            half = len(batch) // 2
+            await asyncio.gather(score(batch[:half]), score(batch[half:]))
+            return
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"{len(batch)} records sent, {len(outputs)} answers")
+        for (offset, _), out in zip(batch, outputs, strict=True):
+            results[offset] = {"key": shard.key, "offset": offset, "outputs": out}
+
+    await asyncio.gather(*(score(parsed[i : i + batch_size]) for i in range(0, len(parsed), batch_size)))
+
+    errors.sort(key=lambda e: int(e["offset"]))
+    await obstore.put_async(sink, shards.errors_key(out_prefix, shard), _jsonl(errors))
+    await obstore.put_async(
+        sink, shards.results_key(out_prefix, shard), _jsonl([results[o] for o in sorted(results)])
+    )
+    counts = {"shard": shard.index, "key": shard.key, "records": len(results), "failed": len(errors)}
+    await obstore.put_async(sink, marker, json.dumps(counts).encode())
+    return ShardOutcome(shard.index, len(results), len(errors))
+
+
+def _error(shard: shards.Shard, offset: int, reason: str) -> dict[str, Any]:
+    return {"key": shard.key, "offset": offset, "reason": reason}
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
+
+
+async def _exists(store: Any, key: str) -> bool:
+    try:
+        await obstore.head_async(store, key)
+    except FileNotFoundError:
+        return False
+    return True
