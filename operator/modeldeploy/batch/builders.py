@@ -1,0 +1,162 @@
+"""What a BatchInference becomes: one Indexed Job whose pods each run the model's Triton as a native
+sidecar (the ModelDeployment's own stager and Triton containers) and the worker beside it.
+
+Each of ``parallelism`` completion indexes is one worker: it runs every ``parallelism``-th shard of
+the plan (:func:`.shards.assigned`), so the Job's completions are the workers, not the shards, and
+Triton loads the model once per worker, not once per shard. The worker starts only once Triton's
+startup probe (the model version ready) has passed: that is how a native sidecar gates the main
+containers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import api
+from ..modeldeployment import builders as md_builders
+from . import api as bapi
+
+LABEL_BATCH = f"{api.GROUP}/batch"
+COMPONENT_WORKER = "batch-worker"
+WORKER_CONTAINER = "worker"
+WORKER_CREDENTIALS_DIR = "/var/run/modeldeploy/data-credentials"
+
+
+def job_name(name: str) -> str:
+    return name
+
+
+def labels(name: str) -> dict[str, str]:
+    """A batch pod's labels: never those of a ModelDeployment's pods (its Services select by them)."""
+    return {
+        "app.kubernetes.io/managed-by": api.MANAGER,
+        "app.kubernetes.io/component": COMPONENT_WORKER,
+        LABEL_BATCH: name,
+    }
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": bapi.KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_job(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: bapi.BatchInferenceSpec,
+    model: api.ModelDeploymentSpec,
+    *,
+    revision: str,
+    stager_image: str,
+    worker_image: str,
+) -> dict[str, Any]:
+    """The Indexed Job. ``model`` is what scores: the referenced ModelDeployment's stable revision
+    (``revision`` its hash) or the inline spec wrapped as a ModelDeploymentSpec."""
+    owner = md_builders.Owner(name=name, namespace=namespace, uid=uid)
+    template = md_builders.build_pod_template(owner, model, revision, stager_image=stager_image)
+    pod = template["spec"]
+    [triton] = pod.pop("containers")
+    # Native sidecar: an init container that keeps running; the worker starts once its startup probe
+    # (the model version ready) has passed, and the pod completes when the worker exits.
+    triton = {**triton, "restartPolicy": "Always"}
+    triton.pop("lifecycle", None)  # no drain: nothing routes traffic to a batch pod
+    pod["initContainers"] = [*pod["initContainers"], triton]
+    pod["containers"] = [_worker(name, spec, model, worker_image, owner)]
+    pod["restartPolicy"] = "Never"
+    pod["terminationGracePeriodSeconds"] = md_builders.TRITON_SHUTDOWN_SECONDS
+    pod["volumes"] = [*pod["volumes"], *_data_volumes(spec)]
+    if spec.node_selector:
+        pod["nodeSelector"] = {**pod.get("nodeSelector", {}), **spec.node_selector}
+    pod_labels = labels(name)
+    template["metadata"]["labels"] = {**(model.server.pod_labels or {}), **pod_labels}
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": spec.parallelism,
+        "parallelism": spec.parallelism,
+        # a worker pod lost (killed, evicted, its node gone) is started again for its index, which
+        # skips the shards it finished; each shard has its own retries inside the worker
+        "backoffLimitPerIndex": 3,
+        "maxFailedIndexes": 0,
+        "podReplacementPolicy": "Failed",
+        "template": template,
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": namespace,
+            "labels": pod_labels,
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": job_spec,
+    }
+
+
+def _worker(
+    name: str,
+    spec: bapi.BatchInferenceSpec,
+    model: api.ModelDeploymentSpec,
+    image: str,
+    owner: md_builders.Owner,
+) -> dict[str, Any]:
+    args = [
+        "batch-worker",
+        f"--input={spec.input.uri}",
+        f"--output={spec.output.uri}",
+        f"--format={spec.input.format.value}",
+        f"--shard-bytes={int(api.parse_quantity(spec.shard_size) or 0)}",
+        f"--workers={spec.parallelism}",
+        f"--concurrency={spec.concurrency}",
+        f"--batch-size={spec.batch_size}",
+        f"--retries={spec.retries_per_shard}",
+        f"--model={md_builders.model_name(owner, model)}",
+        f"--version={model.model.version}",
+        f"--triton=http://127.0.0.1:{md_builders.HTTP_PORT}",
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    for role, loc in (("input", spec.input), ("output", spec.output)):
+        if loc.credentials_secret:
+            args.append(f"--{role}-credentials-dir={WORKER_CREDENTIALS_DIR}/{role}")
+            mounts.append(
+                {
+                    "name": f"{role}-credentials",
+                    "mountPath": f"{WORKER_CREDENTIALS_DIR}/{role}",
+                    "readOnly": True,
+                }
+            )
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "args": args,
+        "volumeMounts": mounts,
+        "securityContext": md_builders.RESTRICTED_CONTAINER_SECURITY,
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        # the worker's last line (why it stopped) becomes the termination message the operator reports
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if model.server.env:
+        container["env"] = md_builders._env(model.server.env)
+    return container
+
+
+def _data_volumes(spec: bapi.BatchInferenceSpec) -> list[dict[str, Any]]:
+    return [
+        {"name": f"{role}-credentials", "secret": {"secretName": loc.credentials_secret}}
+        for role, loc in (("input", spec.input), ("output", spec.output))
+        if loc.credentials_secret
+    ]
+
+
+def scoring_spec(inline: bapi.InlineModel) -> api.ModelDeploymentSpec:
+    """An inline model as the ModelDeploymentSpec the pod builders take (one replica, defaults)."""
+    return api.ModelDeploymentSpec(model=inline.model, server=inline.server)
