@@ -57,6 +57,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The operator first: the other commands' modules (the stager's and the worker's storage clients)
+    # are not imported into the operator's process.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # python -m modeldeploy run ...  ==  modeldeploy-operator run ...
+        return operator_main(argv)
+    if argv[:1] == ["operator"]:
+        return operator_main(["run", *argv[1:]])
     parser = argparse.ArgumentParser(prog="modeldeploy", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -74,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
 
     staging.add_arguments(s)
     s.set_defaults(fn=staging.main)
+    b = sub.add_parser("batch-worker", help="a BatchInference pod's worker: score this worker's shards")
+    from .batch import run as batch_run
+
+    batch_run.add_arguments(b)
+    b.set_defaults(fn=batch_run.main)
     sub.add_parser("operator", help="run the operator: modeldeploy operator [kopf run options]")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["run"]:  # python -m modeldeploy run ...  ==  modeldeploy-operator run ...
-        return operator_main(argv)
-    if argv[:1] == ["operator"]:
-        return operator_main(["run", *argv[1:]])
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 
