@@ -868,19 +868,9 @@ class LocalControlPlane:
             self._spawn("kube-apiserver", self._apiserver_argv())
             self._wait("kube-apiserver /readyz", self._apiserver_ready, ["etcd", "kube-apiserver"])
             self.timings["apiserver ready"] = time.monotonic() - t0
-            self._spawn("kube-controller-manager", self._controller_manager_argv())
-            self._spawn("kube-scheduler", self._scheduler_argv())
-            self._wait(
-                "kube-controller-manager and kube-scheduler /healthz",
-                lambda: (
-                    self._healthz_https(self.ports["controller-manager"])
-                    and self._healthz_https(self.ports["scheduler"])
-                ),
-                list(self.ORDER[:4]),
-            )
+            self._start_controllers("")
             self.timings["controllers ready"] = time.monotonic() - t0
-            self._spawn("kwok", self._kwok_argv())
-            self._wait("kwok /healthz", self._kwok_healthy, list(self.ORDER))
+            self._start_kwok("")
             self.timings["kwok ready"] = time.monotonic() - t0
             self._create_nodes()
             self._wait("fake nodes Ready", self._nodes_ready, list(self.ORDER))
@@ -970,22 +960,28 @@ class LocalControlPlane:
             proc = self.processes.get(name)
             if proc is not None:
                 proc.stop()
+        self._start_controllers(" after restart")
+        self._start_kwok(" after restart")
+        self._wait("fake nodes Ready after restart", self._nodes_ready, list(self.ORDER))
+        if self.state_file.exists():
+            self.save_state()
+        return time.monotonic() - t0
+
+    def _start_controllers(self, when: str) -> None:
         self._spawn("kube-controller-manager", self._controller_manager_argv())
         self._spawn("kube-scheduler", self._scheduler_argv())
         self._wait(
-            "kube-controller-manager and kube-scheduler /healthz after restart",
+            f"kube-controller-manager and kube-scheduler /healthz{when}",
             lambda: (
                 self._healthz_https(self.ports["controller-manager"])
                 and self._healthz_https(self.ports["scheduler"])
             ),
             list(self.ORDER[:4]),
         )
+
+    def _start_kwok(self, when: str) -> None:
         self._spawn("kwok", self._kwok_argv())
-        self._wait("kwok /healthz after restart", self._kwok_healthy, list(self.ORDER))
-        self._wait("fake nodes Ready after restart", self._nodes_ready, list(self.ORDER))
-        if self.state_file.exists():
-            self.save_state()
-        return time.monotonic() - t0
+        self._wait(f"kwok /healthz{when}", self._kwok_healthy, list(self.ORDER))
 
     def is_running(self) -> bool:
         return bool(self.processes) and all(
