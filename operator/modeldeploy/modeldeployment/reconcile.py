@@ -198,8 +198,6 @@ class Reconciler:
             await write_status
             write_status = None
         events = list(decision.events)
-        for ev in events:
-            await self.post_event(dict(obs.md), *ev)
         if self.analysis is not None:
             # Directed on the state just persisted: a window never writes after a rollback.
             state = obs.old_status.rollout
@@ -208,18 +206,27 @@ class Reconciler:
             else:
                 self.analysis.stop(ns, name)
         if decision.children is None:
+            await self._post_events(obs, events)
             return Outcome(requeue_after=decision.requeue_after, events=events)
-        if write_status is None:
-            rejected = await self._apply_children(obs, decision.children)
-        else:
-            wrote, applied = await asyncio.gather(
-                write_status, self._apply_children(obs, decision.children), return_exceptions=True
-            )
-            for result in (wrote, applied):
-                if isinstance(result, BaseException):
-                    raise result
-            assert not isinstance(applied, BaseException)
-            rejected = applied
+        persisted = write_status is None  # the step the Events tell of
+        try:
+            if write_status is None:
+                rejected = await self._apply_children(obs, decision.children)
+            else:
+                wrote, applied = await asyncio.gather(
+                    write_status, self._apply_children(obs, decision.children), return_exceptions=True
+                )
+                persisted = not isinstance(wrote, BaseException)
+                for result in (wrote, applied):
+                    if isinstance(result, BaseException):
+                        raise result
+                assert not isinstance(applied, BaseException)
+                rejected = applied
+        finally:
+            # After the writes they tell of (posted in the background, they would compete with them
+            # for the API server); also when an apply failed, once the step they tell of is persisted.
+            if persisted:
+                await self._post_events(obs, events)
         if rejected == obs.refused:
             return Outcome(requeue_after=decision.requeue_after, events=events)
         if rejected:
@@ -233,6 +240,10 @@ class Reconciler:
                 await self.post_event(dict(obs.md), *ev)
         # once more, so that status (and the rollout) reflect what was refused
         return Outcome(requeue_after=0.5, events=events)
+
+    async def _post_events(self, obs: Observation, events: list[tuple[str, str, str]]) -> None:
+        for ev in events:
+            await self.post_event(dict(obs.md), *ev)
 
     async def _write_status(
         self, ns: str, name: str, old: api.ModelDeploymentStatus, new: api.ModelDeploymentStatus
