@@ -665,6 +665,9 @@ def main() -> int:
     ap.add_argument(
         "--no-floor", action="store_true", help="skip the burst floor (plain client, no operator)"
     )
+    ap.add_argument(
+        "--batch", type=int, default=10_000, help="records for the batch inference figure (0: skip it)"
+    )
     ap.add_argument("--json", type=Path, help="also write every figure (and the detail behind them) here")
     args = ap.parse_args()
     sizes = [int(x) for x in args.burst.split(",") if x]
@@ -694,6 +697,11 @@ def main() -> int:
             print("operator RSS:", json.dumps(results["operator_rss_mb"]), flush=True)
         finally:
             bench.stop()
+    if args.batch:
+        from hack import bench_batch
+
+        results["batch"] = bench_batch.measure(args.batch)
+        print("batch inference:", json.dumps(results["batch"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     report(results)
@@ -769,6 +777,10 @@ def report(results: dict[str, Any]) -> None:
         f"(with {r['modeldeployments']} ModelDeployments at the end)"
     )
     print(f"rollback reaction   {results['rollback']['reaction_s']:.2f} s (failure seen -> stable only)")
+    if "batch" in results:
+        from hack import bench_batch
+
+        print(bench_batch.line(results["batch"]))
 
 
 if __name__ == "__main__":

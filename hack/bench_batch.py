@@ -1,0 +1,170 @@
+"""The batch figure of ``make bench``: records per second through the BatchInference worker against
+a plain client loop sending the same records to the same tritonserver build (the floor), in one run.
+
+The worker does what a BatchInference pod's worker does (``modeldeploy.batch.run``): list and shard
+the input, read each shard from storage (obstore's local-filesystem store here), parse every line,
+score in batches through tritonclient's asyncio HTTP client, write results, errors and markers. The
+floor sends the same records, already in memory as arrays, in batches of the same size with the same
+number of requests in flight, and keeps the answers in memory. With two workers, each has a
+tritonserver of its own, as each pod has its Triton sidecar, but both workers share this process's
+one event loop (two pods would each have a process): that figure is not yet the scaling one.
+
+Not yet measured here: the worker inside a pod of a Job (the operator does not run BatchInference
+yet) and storage over the network (an S3 server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "operator")]
+
+from hack import triton as launcher  # noqa: E402
+
+DIMS = 16
+MAX_BATCH = 64
+CONFIG = f"""name: "scaler"
+backend: "python"
+max_batch_size: {MAX_BATCH}
+input [{{ name: "X" data_type: TYPE_FP32 dims: [{DIMS}] }}]
+output [{{ name: "Y" data_type: TYPE_FP32 dims: [{DIMS}] }}]
+instance_group [{{ kind: KIND_CPU count: 1 }}]
+version_policy: {{ specific: {{ versions: [1] }} }}
+"""
+
+
+def _records(n: int, root: Path) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    xs = rng.normal(size=(n, DIMS)).astype(np.float32)
+    half = n // 2
+    for part, rows in enumerate((xs[:half], xs[half:])):
+        (root / f"part-{part}.jsonl").write_text("".join(json.dumps({"X": r.tolist()}) + "\n" for r in rows))
+    return xs
+
+
+async def _floor(address: str, xs: np.ndarray, batch: int, concurrency: int) -> float:
+    from tritonclient.http import InferInput, InferRequestedOutput
+    from tritonclient.http.aio import InferenceServerClient
+
+    client = InferenceServerClient(address)
+    gate = asyncio.Semaphore(concurrency)
+    answers: list[Any] = []
+
+    async def send(chunk: np.ndarray) -> None:
+        tensor = InferInput("X", list(chunk.shape), "FP32")
+        tensor.set_data_from_numpy(chunk, binary_data=True)
+        async with gate:
+            result = await client.infer(
+                "scaler", [tensor], model_version="1", outputs=[InferRequestedOutput("Y", binary_data=True)]
+            )
+        answers.append(result.as_numpy("Y"))
+
+    t0 = time.monotonic()
+    try:
+        await asyncio.gather(*(send(xs[i : i + batch]) for i in range(0, len(xs), batch)))
+    finally:
+        await client.close()
+    elapsed = time.monotonic() - t0
+    assert sum(len(a) for a in answers) == len(xs)
+    return elapsed
+
+
+async def _workers(
+    addresses: list[str], source: Path, sink: Path, shard_bytes: int, batch: int, concurrency: int
+) -> tuple[float, int]:
+    from obstore.store import LocalStore
+
+    from modeldeploy.batch import run as batch_run
+
+    src, dst = LocalStore(str(source)), LocalStore(str(sink))
+
+    async def one(index: int) -> list[Any]:
+        triton = batch_run.Triton(f"http://{addresses[index]}", "scaler", "1")
+        try:
+            return await batch_run.run(
+                source=src,
+                sink=dst,
+                triton=triton,
+                shard_bytes=shard_bytes,
+                index=index,
+                workers=len(addresses),
+                concurrency=concurrency,
+                batch_size=batch,
+                retries=0,
+            )
+        finally:
+            await triton.close()
+
+    t0 = time.monotonic()
+    outcomes = await asyncio.gather(*(one(i) for i in range(len(addresses))))
+    elapsed = time.monotonic() - t0
+    return elapsed, sum(o.records for out in outcomes for o in out)
+
+
+def measure(n: int = 10_000, batch: int = 32, concurrency: int = 4) -> dict[str, Any]:
+    """The floor and the worker with one and with two tritonservers, each once after a warm-up."""
+    dist = launcher.prepare()
+    from tritonmodels import scaler_py
+
+    with tempfile.TemporaryDirectory(prefix="modeldeploy-bench-batch-") as tmp:
+        root = Path(tmp)
+        repo = root / "models"
+        (repo / "scaler" / "1").mkdir(parents=True)
+        (repo / "scaler" / "config.pbtxt").write_text(CONFIG)
+        (repo / "scaler" / "1" / "model.py").write_text(scaler_py(2))
+        (root / "in").mkdir()
+        xs = _records(n, root / "in")
+        shard_bytes = max(1, sum(p.stat().st_size for p in (root / "in").iterdir()) // 8)
+        servers = [
+            launcher.TritonServer.start(dist, repo, log_path=root / f"triton-{i}.log", ready_timeout=120)
+            for i in range(2)
+        ]
+        try:
+            addresses = [s.http_address for s in servers]
+            asyncio.run(_floor(addresses[0], xs[: batch * 8], batch, concurrency))  # warm-up
+            floor_s = asyncio.run(_floor(addresses[0], xs, batch, concurrency))
+            out: dict[str, Any] = {
+                "records": n,
+                "batch_size": batch,
+                "concurrency": concurrency,
+                "shards": 8,
+                "floor_records_per_s": n / floor_s,
+            }
+            for k in (1, 2):
+                sink = root / f"out-{k}"
+                sink.mkdir()
+                seconds, scored = asyncio.run(
+                    _workers(addresses[:k], root / "in", sink, shard_bytes, batch, concurrency)
+                )
+                assert scored == n, f"{scored} of {n} records scored"
+                out[f"workers_{k}_records_per_s"] = n / seconds
+                out[f"workers_{k}_ratio"] = (n / seconds) / out["floor_records_per_s"]
+        finally:
+            for s in servers:
+                s.stop()
+    return out
+
+
+def line(b: dict[str, Any]) -> str:
+    return (
+        f"batch inference     {b['records']} records, batch {b['batch_size']}, {b['concurrency']} in flight, "
+        f"{b['shards']} shards: floor (plain client loop) {b['floor_records_per_s']:.0f} records/s; "
+        f"worker {b['workers_1_records_per_s']:.0f}/s ({b['workers_1_ratio']:.2f}x); "
+        f"2 workers in one process, a tritonserver each {b['workers_2_records_per_s']:.0f}/s "
+        f"({b['workers_2_ratio']:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    result = measure()
+    print(json.dumps(result))
+    print(line(result))
