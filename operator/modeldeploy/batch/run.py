@@ -102,13 +102,13 @@ class Triton:
                 raise worker.Rejected(exc.message()) from None
             raise
         arrays = {name: result.as_numpy(name) for name in self.outputs}
+        types = {name: result.get_output(name)["datatype"] for name in self.outputs}
         per_record = []
         for i in range(len(batch)):
             out = {}
             for name, arr in arrays.items():
                 value = arr[i] if self.max_batch > 0 else arr
-                meta = result.get_output(name)
-                out[name] = {"datatype": meta["datatype"], "shape": list(value.shape), "data": _plain(value)}
+                out[name] = {"datatype": types[name], "shape": list(value.shape), "data": _plain(value)}
             per_record.append(out)
         return per_record
 
@@ -126,6 +126,8 @@ def _numpy_type(datatype: str) -> Any:
 
 def _plain(value: Any) -> Any:
     flat = value.reshape(-1).tolist()
+    if value.dtype.kind != "O":  # numbers: tolist() gave Python numbers already
+        return flat
     return [v.decode() if isinstance(v, bytes) else v for v in flat]
 
 
