@@ -122,21 +122,19 @@ async def _workers(
     src, dst = LocalStore(str(source)), LocalStore(str(sink))
 
     async def one(index: int) -> list[Any]:
-        triton = batch_run.Triton(f"http://{addresses[index]}", "scaler", "1")
-        try:
-            return await batch_run.run(
-                source=src,
-                sink=dst,
-                triton=triton,
-                shard_bytes=shard_bytes,
-                index=index,
-                workers=len(addresses),
-                concurrency=concurrency,
-                batch_size=batch,
-                retries=0,
-            )
-        finally:
-            await triton.close()
+        return await batch_run.run_with_triton(
+            f"http://{addresses[index]}",
+            "scaler",
+            "1",
+            source=src,
+            sink=dst,
+            shard_bytes=shard_bytes,
+            index=index,
+            workers=len(addresses),
+            concurrency=concurrency,
+            batch_size=batch,
+            retries=0,
+        )
 
     t0 = time.monotonic()
     outcomes = await asyncio.gather(*(one(i) for i in range(len(addresses))))

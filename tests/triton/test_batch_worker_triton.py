@@ -80,21 +80,19 @@ def test_worker_scores_every_record_once_like_the_model_itself(
     source, sink = LocalStore(str(tmp_path / "in")), LocalStore(str(tmp_path / "out"))
 
     async def worker(index: int) -> list[Any]:
-        triton = batch_run.Triton(f"http://{server.http_address}", "scaler", "1")
-        try:
-            return await batch_run.run(
-                source=source,
-                sink=sink,
-                triton=triton,
-                shard_bytes=20_000,
-                index=index,
-                workers=2,
-                concurrency=4,
-                batch_size=32,
-                retries=0,
-            )
-        finally:
-            await triton.close()
+        return await batch_run.run_with_triton(
+            f"http://{server.http_address}",
+            "scaler",
+            "1",
+            source=source,
+            sink=sink,
+            shard_bytes=20_000,
+            index=index,
+            workers=2,
+            concurrency=4,
+            batch_size=32,
+            retries=0,
+        )
 
     async def both() -> list[list[Any]]:
         return list(await asyncio.gather(worker(0), worker(1)))

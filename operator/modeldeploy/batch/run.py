@@ -176,6 +176,15 @@ async def run(
     return out
 
 
+async def run_with_triton(url: str, model: str, version: str, **kwargs: Any) -> list[worker.ShardOutcome]:
+    """:func:`run` with a client of the Triton at ``url``, closed afterwards."""
+    triton = Triton(url, model, version)
+    try:
+        return await run(triton=triton, **kwargs)
+    finally:
+        await triton.close()
+
+
 def main(args: argparse.Namespace) -> int:
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     source_settings = staging.Settings(credentials_dir=args.input_credentials_dir, environ=os.environ)
@@ -188,21 +197,19 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     async def go() -> list[worker.ShardOutcome]:
-        triton = Triton(args.triton, args.model, args.version)
-        try:
-            return await run(
-                source=source,
-                sink=sink,
-                triton=triton,
-                shard_bytes=args.shard_bytes,
-                index=index,
-                workers=args.workers,
-                concurrency=args.concurrency,
-                batch_size=args.batch_size,
-                retries=args.retries,
-            )
-        finally:
-            await triton.close()
+        return await run_with_triton(
+            args.triton,
+            args.model,
+            args.version,
+            source=source,
+            sink=sink,
+            shard_bytes=args.shard_bytes,
+            index=index,
+            workers=args.workers,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            retries=args.retries,
+        )
 
     t0 = time.monotonic()
     try:
