@@ -59,10 +59,12 @@ typecheck: venv ## mypy --strict on the package
 bench: venv binaries ## print speed figures (create latency, burst, steady-state writes, RSS, rollback reaction)
 	$(PY) -m hack.bench $(BENCH_ARGS)
 
-crds: venv ## regenerate crds/ from the typed spec model (and the chart's copy)
-	$(PY) -m modeldeploy crd > crds/modeldeploy.io_modeldeployments.yaml
-	cp crds/modeldeploy.io_modeldeployments.yaml charts/modeldeploy-operator/crds/
-	$(PY) -m modeldeploy api-docs > docs/api-reference.md
+crds: venv ## regenerate crds/ and the API references from the typed models (and the chart's copy)
+	$(PY) -m modeldeploy crd --kind modeldeployment > crds/modeldeploy.io_modeldeployments.yaml
+	$(PY) -m modeldeploy crd --kind batchinference > crds/modeldeploy.io_batchinferences.yaml
+	cp crds/*.yaml charts/modeldeploy-operator/crds/
+	$(PY) -m modeldeploy api-docs --kind modeldeployment > docs/api-reference.md
+	$(PY) -m modeldeploy api-docs --kind batchinference > docs/batchinference-api.md
 
 chart-crds: ## copy the generated CRD into the chart (a test fails on drift)
 	cp crds/*.yaml charts/modeldeploy-operator/crds/

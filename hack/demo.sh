@@ -21,7 +21,7 @@ kubectl version
 kubectl get nodes -o wide
 
 step "install the CRD"
-kubectl apply --server-side -f crds/modeldeploy.io_modeldeployments.yaml
+kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established crd/modeldeployments.modeldeploy.io --timeout=60s
 
 real_node=""

@@ -16,6 +16,7 @@ from kube import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "modeldeploy.io_modeldeployments.yaml"
+CRD_DIR = REPO / "crds"
 
 
 class OperatorProcess:
@@ -137,14 +138,15 @@ class OperatorProcess:
 
 
 def install_crd(cluster: Any) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    cluster.wait_crd_established("modeldeployments.modeldeploy.io")
-    # Discovery can lag Established by a moment: wait until the resource is served.
-    wait_for(
-        lambda: cluster.kubectl("get", "modeldeployments", "-A", check=False).returncode == 0,
-        30,
-        message="modeldeployments served",
-    )
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    for plural in ("modeldeployments", "batchinferences"):
+        cluster.wait_crd_established(f"{plural}.modeldeploy.io")
+        # Discovery can lag Established by a moment: wait until the resource is served.
+        wait_for(
+            lambda plural=plural: cluster.kubectl("get", plural, "-A", check=False).returncode == 0,
+            30,
+            message=f"{plural} served",
+        )
 
 
 def time_since(t0: float) -> float:

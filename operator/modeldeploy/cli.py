@@ -72,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("-n", "--namespace", default=None)
     r.add_argument("--show-config", action="store_true", help="also print config.pbtxt to stderr")
     r.set_defaults(fn=_cmd_render)
-    c = sub.add_parser("crd", help="print the CRD generated from the typed API")
-    c.set_defaults(fn=lambda _a: sys.stdout.write(crdgen.render_crd_yaml()) and 0)
-    d = sub.add_parser("api-docs", help="print the API reference (markdown) generated from the CRD schema")
-    d.set_defaults(fn=lambda _a: sys.stdout.write(crdgen.render_api_reference()) and 0)
+    kinds = {r.singular: r for r in crdgen.RESOURCES}
+    c = sub.add_parser("crd", help="print a CRD generated from the typed API")
+    c.add_argument("--kind", choices=sorted(kinds), default=api.SINGULAR)
+    c.set_defaults(fn=lambda a: sys.stdout.write(crdgen.render_crd_yaml(kinds[a.kind])) and 0)
+    d = sub.add_parser("api-docs", help="print an API reference (markdown) generated from the CRD schema")
+    d.add_argument("--kind", choices=sorted(kinds), default=api.SINGULAR)
+    d.set_defaults(fn=lambda a: sys.stdout.write(crdgen.render_api_reference(kinds[a.kind])) and 0)
     s = sub.add_parser("stage", help="init container: fetch a model repository into a directory")
     from .triton import staging
 

@@ -1,4 +1,5 @@
-"""Generate the ModelDeployment CRD from the typed API model (the one source of truth).
+"""Generate the CRDs (ModelDeployment, BatchInference) from the typed API models (the one source of
+truth).
 
 pydantic's JSON schema is turned into a Kubernetes *structural* openAPIV3Schema:
 ``$ref``s are inlined, ``Optional`` unions collapsed, titles and defaults dropped
@@ -9,12 +10,15 @@ user wrote), free-form objects marked ``x-kubernetes-preserve-unknown-fields``.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic.config import JsonDict
 
 from . import api
+from .batch import api as bapi
 
 MAX_NAME_LENGTH = 55  # NAME-preview, NAME-canary must stay DNS-1035 labels (<= 63)
 #: Services are named after the ModelDeployment, so its name must be a DNS-1035 label (no dots, no
@@ -131,54 +135,155 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(raw, defs)  # type: ignore[no-any-return]
 
 
-def openapi_schema() -> dict[str, Any]:
-    spec = schema_of(api.ModelDeploymentSpec)
-    status = schema_of(api.ModelDeploymentStatus)
+@dataclass(frozen=True)
+class Resource:
+    """One custom resource of the group: its names, typed models, columns and CRD extras."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    spec: type[BaseModel]
+    status: type[BaseModel]
+    description: str
+    printer_columns: list[dict[str, Any]]
+    source: str
+    metadata_rules: list[JsonDict] = field(default_factory=list)
+    subresources: dict[str, Any] = field(default_factory=lambda: {"status": {}})
+
+    @property
+    def file(self) -> str:
+        return f"{api.GROUP}_{self.plural}.yaml"
+
+
+MODEL_DEPLOYMENT = Resource(
+    kind=api.KIND,
+    plural=api.PLURAL,
+    singular=api.SINGULAR,
+    short_names=tuple(api.SHORT_NAMES),
+    spec=api.ModelDeploymentSpec,
+    status=api.ModelDeploymentStatus,
+    description="ModelDeployment serves one model on NVIDIA Triton Inference Server and rolls new "
+    "versions out progressively (canary, blue-green, rolling), gated on model health and Triton "
+    "metrics, with automatic rollback.",
+    printer_columns=PRINTER_COLUMNS,
+    source="operator/modeldeploy/api.py",
+    metadata_rules=[
+        api.cel(
+            f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+            "(Services NAME-canary and NAME-preview are derived from it)",
+        ),
+        api.cel(
+            f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+            "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with "
+            "a letter (no dots), because the Services are named after it",
+        ),
+    ],
+    subresources={
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    },
+)
+
+#: The Job, and the job-name label on its pods, are named after the BatchInference: a label value
+#: is at most 63 characters, and the Job controller adds "-<index>-<suffix>" to pod names.
+BATCH_MAX_NAME_LENGTH = 52
+
+BATCH_INFERENCE = Resource(
+    kind=bapi.KIND,
+    plural=bapi.PLURAL,
+    singular=bapi.SINGULAR,
+    short_names=bapi.SHORT_NAMES,
+    spec=bapi.BatchInferenceSpec,
+    status=bapi.BatchInferenceStatus,
+    description="BatchInference scores every record under an input location with a model on Triton, "
+    "in parallel worker pods (an Indexed Job), and writes one results file per input shard, an errors "
+    "file per shard and a manifest; a pod or operator restarted redoes only unfinished shards.",
+    printer_columns=[
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase."},
+        {
+            "name": "Progress",
+            "type": "string",
+            "jsonPath": ".status.progress",
+            "description": "Shards done/total.",
+        },
+        {
+            "name": "Records",
+            "type": "integer",
+            "jsonPath": ".status.records",
+            "description": "Records scored.",
+        },
+        {
+            "name": "Failed",
+            "type": "integer",
+            "jsonPath": ".status.recordsFailed",
+            "description": "Records in the errors files.",
+        },
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {
+            "name": "Reason",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Failed")].reason',
+            "priority": 1,
+            "description": "Why it failed.",
+        },
+    ],
+    source="operator/modeldeploy/batch/api.py",
+    metadata_rules=[
+        api.cel(
+            f"size(self.metadata.name) <= {BATCH_MAX_NAME_LENGTH}",
+            f"metadata.name must be at most {BATCH_MAX_NAME_LENGTH} characters "
+            "(the Job and its pods' job-name label are named after it)",
+        ),
+        api.cel(
+            f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+            "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with "
+            "a letter (no dots), because the Job and its pods are named after it",
+        ),
+    ],
+)
+
+RESOURCES = (MODEL_DEPLOYMENT, BATCH_INFERENCE)
+
+
+def openapi_schema(res: Resource = MODEL_DEPLOYMENT) -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "ModelDeployment serves one model on NVIDIA Triton Inference Server and rolls new "
-        "versions out progressively (canary, blue-green, rolling), gated on model health and Triton "
-        "metrics, with automatic rollback.",
+        "description": res.description,
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "modeldeploy.io/v1alpha1"},
-            "kind": {"type": "string", "description": "ModelDeployment"},
+            "apiVersion": {"type": "string", "description": f"{api.GROUP}/{api.VERSION}"},
+            "kind": {"type": "string", "description": res.kind},
             "metadata": {"type": "object"},
-            "spec": spec,
-            "status": status,
+            "spec": schema_of(res.spec),
+            "status": schema_of(res.status),
         },
-        "x-kubernetes-validations": [
-            api.cel(
-                f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-                f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
-                "(Services NAME-canary and NAME-preview are derived from it)",
-            ),
-            api.cel(
-                f"self.metadata.name.matches('{DNS_1035_LABEL}')",
-                "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with "
-                "a letter (no dots), because the Services are named after it",
-            ),
-        ],
+        "x-kubernetes-validations": list(res.metadata_rules),
     }
 
 
-def crd() -> dict[str, Any]:
+def crd(res: Resource = MODEL_DEPLOYMENT) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{api.PLURAL}.{api.GROUP}",
+            "name": f"{res.plural}.{api.GROUP}",
             "labels": {"app.kubernetes.io/name": "modeldeploy", "app.kubernetes.io/part-of": "modeldeploy"},
         },
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
+                "kind": res.kind,
+                "listKind": f"{res.kind}List",
+                "plural": res.plural,
+                "singular": res.singular,
+                "shortNames": list(res.short_names),
                 "categories": ["all", "modeldeploy"],
             },
             "versions": [
@@ -186,25 +291,18 @@ def crd() -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema(res)},
+                    "subresources": res.subresources,
+                    "additionalPrinterColumns": res.printer_columns,
                 }
             ],
         },
     }
 
 
-def render_crd_yaml() -> str:
-    header = "# Generated by `make crds` from operator/modeldeploy/api.py. Do not edit by hand.\n"
-    return header + yaml.safe_dump(crd(), sort_keys=False, width=120)
+def render_crd_yaml(res: Resource = MODEL_DEPLOYMENT) -> str:
+    header = f"# Generated by `make crds` from {res.source}. Do not edit by hand.\n"
+    return header + yaml.safe_dump(crd(res), sort_keys=False, width=120)
 
 
 def _type_of(node: dict[str, Any]) -> str:
@@ -249,14 +347,15 @@ def _rows(node: dict[str, Any], path: str, out: list[str]) -> None:
             _rows(target, here + ("[]" if child.get("type") == "array" else ""), out)
 
 
-def render_api_reference() -> str:
-    """The API reference (docs/api-reference.md), generated from the same schema as the CRD."""
-    schema = openapi_schema()
+def render_api_reference(res: Resource = MODEL_DEPLOYMENT) -> str:
+    """The API reference (docs/api-reference.md, docs/batchinference-api.md), generated from the same
+    schema as the CRD."""
+    schema = openapi_schema(res)
     out = [
-        "# ModelDeployment API reference (`modeldeploy.io/v1alpha1`)",
+        f"# {res.kind} API reference (`{api.GROUP}/{api.VERSION}`)",
         "",
-        "Generated by `make crds` from `operator/modeldeploy/api.py`; a test fails when it drifts. "
-        "`kubectl explain modeldeployment.spec` shows the same descriptions.",
+        f"Generated by `make crds` from `{res.source}`; a test fails when it drifts. "
+        f"`kubectl explain {res.singular}.spec` shows the same descriptions.",
         "",
         schema["description"],
         "",
@@ -278,7 +377,7 @@ def render_api_reference() -> str:
         _rows(node, section, out)
         out.append("")
     out += ["## Printer columns", "", "| column | from | shown |", "| --- | --- | --- |"]
-    for col in PRINTER_COLUMNS:
+    for col in res.printer_columns:
         out.append(
             f"| {col['name']} | `{col['jsonPath']}` | {'-o wide' if col.get('priority') else 'always'} |"
         )

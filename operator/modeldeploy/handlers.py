@@ -23,6 +23,9 @@ from typing import Any
 import kopf
 
 from . import api, metrics
+from .batch import api as bapi
+from .batch import builders as batch_builders
+from .batch.controller import BatchReconciler
 from .kube import kopfpatch
 from .kube.cache import Cache
 from .kube.client import EventSink, Kube
@@ -43,6 +46,7 @@ CHILD_RESOURCES = [
     ("", "v1", "configmaps"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("batch", "v1", "jobs"),
 ]
 
 
@@ -60,6 +64,8 @@ class Operator:
         self.leader = True  # without leader election this process always acts
         self.election_task: asyncio.Task[None] | None = None
         self.analysis: AnalysisRunner | None = None
+        self.batch: BatchReconciler | None = None
+        self.batch_queue: WorkQueue | None = None
 
 
 OP = Operator()
@@ -153,12 +159,30 @@ async def _reconcile(namespace: str, name: str) -> None:
         OP.queue.add((namespace, name), delay=outcome.requeue_after)
 
 
+async def _reconcile_batch(namespace: str, name: str) -> None:
+    assert OP.batch is not None and OP.batch_queue is not None
+    if not OP.leader:
+        return
+    try:
+        again = await OP.batch.reconcile(namespace, name)
+    except Exception:
+        metrics.RECONCILE_ERRORS.inc()
+        raise
+    bi = OP.cache.get(bapi.KIND, namespace, name)
+    if bi is not None:
+        metrics.observe_batch(bi)
+    if again is not None:
+        OP.batch_queue.add((namespace, name), delay=again)
+
+
 async def _resync() -> None:
     while True:
         await asyncio.sleep(OP.resync_seconds)
-        assert OP.queue is not None
+        assert OP.queue is not None and OP.batch_queue is not None
         for key in OP.cache.keys(api.KIND):
             OP.queue.add(key)
+        for key in OP.cache.keys(bapi.KIND):
+            OP.batch_queue.add(key)
 
 
 @kopf.on.startup()
@@ -208,6 +232,18 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         new_at_once=int(os.environ.get("MODELDEPLOY_NEW_AT_ONCE", "4")),
     )
     OP.queue.start()
+    stager_image = os.environ.get("MODELDEPLOY_STAGER_IMAGE", builders.DEFAULT_STAGER_IMAGE)
+    OP.batch = BatchReconciler(
+        OP.kube,
+        OP.cache,
+        post_event=_post_event,
+        stager_image=stager_image,
+        worker_image=os.environ.get("MODELDEPLOY_WORKER_IMAGE") or stager_image,
+    )
+    OP.batch_queue = WorkQueue(
+        _reconcile_batch, workers=int(os.environ.get("MODELDEPLOY_BATCH_WORKERS", "4"))
+    )
+    OP.batch_queue.start()
     if os.environ.get("MODELDEPLOY_LEADER_ELECTION", "").lower() in ("1", "true", "yes"):
         OP.leader = False
         metrics.LEADER.set(0)
@@ -230,9 +266,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 def _became_leader() -> None:
     OP.leader = True
     metrics.LEADER.set(1)
-    assert OP.queue is not None
+    assert OP.queue is not None and OP.batch_queue is not None
     for key in OP.cache.keys(api.KIND):
         OP.queue.add(key)
+    for key in OP.cache.keys(bapi.KIND):
+        OP.batch_queue.add(key)
 
 
 def _lost_leadership() -> None:
@@ -252,6 +290,8 @@ async def cleanup(**_: Any) -> None:
         OP.analysis.stop_all()
     if OP.queue is not None:
         await OP.queue.stop()
+    if OP.batch_queue is not None:
+        await OP.batch_queue.stop()
     if OP.events is not None:
         await OP.events.close()
     if OP.kube is not None:
@@ -284,6 +324,22 @@ async def modeldeployment_event(
         OP.queue.add((namespace, name))
 
 
+@kopf.on.event(api.GROUP, api.VERSION, bapi.PLURAL)
+async def batchinference_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
+    assert namespace is not None
+    if event.get("type") == "DELETED":
+        OP.cache.delete(bapi.KIND, namespace, name)
+        metrics.forget_batch(namespace, name)
+        if OP.batch_queue is not None:
+            OP.batch_queue.forget((namespace, name))
+        return
+    OP.cache.put(for_cache(body, bapi.KIND))
+    if OP.batch_queue is not None:
+        OP.batch_queue.add((namespace, name))
+
+
 def _register_child(group: str, version: str, plural: str) -> None:
     kind = {
         "deployments": "Deployment",
@@ -292,6 +348,7 @@ def _register_child(group: str, version: str, plural: str) -> None:
         "configmaps": "ConfigMap",
         "horizontalpodautoscalers": "HorizontalPodAutoscaler",
         "poddisruptionbudgets": "PodDisruptionBudget",
+        "jobs": "Job",
     }[plural]
 
     async def child_event(
@@ -302,9 +359,13 @@ def _register_child(group: str, version: str, plural: str) -> None:
             OP.cache.delete(kind, namespace, name)
         else:
             OP.cache.put(for_cache(body, kind))
-        owner = (body.get("metadata", {}).get("labels") or {}).get(api.LABEL_NAME)
+        labels = body.get("metadata", {}).get("labels") or {}
+        owner = labels.get(api.LABEL_NAME)
         if owner and OP.queue is not None:
             OP.queue.add((namespace, owner))
+        batch = labels.get(batch_builders.LABEL_BATCH)
+        if batch and OP.batch_queue is not None:
+            OP.batch_queue.add((namespace, batch))
 
     where = (group, version, plural) if group else (version, plural)
     kopf.on.event(*where, labels=MANAGED, id=f"watch-{plural}")(child_event)

@@ -52,3 +52,38 @@ def forget(namespace: str, name: str) -> None:
             PHASE.remove(namespace, name, phase)
     with contextlib.suppress(KeyError):
         WEIGHT.remove(namespace, name)
+
+
+BATCH_PHASES = ("Pending", "Running", "Succeeded", "Failed")
+BATCH_PHASE = Gauge(
+    "modeldeploy_batch_phase", "1 for the BatchInference's current phase", ["namespace", "name", "phase"]
+)
+BATCH_RECORDS = Gauge("modeldeploy_batch_records", "Records scored", ["namespace", "name"])
+BATCH_RECORDS_FAILED = Gauge("modeldeploy_batch_records_failed", "Records failed", ["namespace", "name"])
+BATCH_SHARDS_DONE = Gauge(
+    "modeldeploy_batch_shards_done", "Shards whose results are written", ["namespace", "name"]
+)
+BATCH_SHARDS = Gauge("modeldeploy_batch_shards", "Shards in the plan", ["namespace", "name"])
+
+
+def observe_batch(bi: dict[str, Any]) -> None:
+    meta, st = bi["metadata"], bi.get("status") or {}
+    ns, name = meta["namespace"], meta["name"]
+    for phase in BATCH_PHASES:
+        BATCH_PHASE.labels(ns, name, phase).set(1 if st.get("phase") == phase else 0)
+    for gauge, key in (
+        (BATCH_RECORDS, "records"),
+        (BATCH_RECORDS_FAILED, "recordsFailed"),
+        (BATCH_SHARDS_DONE, "shardsSucceeded"),
+        (BATCH_SHARDS, "shards"),
+    ):
+        gauge.labels(ns, name).set(st.get(key) or 0)
+
+
+def forget_batch(namespace: str, name: str) -> None:
+    for phase in BATCH_PHASES:
+        with contextlib.suppress(KeyError):
+            BATCH_PHASE.remove(namespace, name, phase)
+    for gauge in (BATCH_RECORDS, BATCH_RECORDS_FAILED, BATCH_SHARDS_DONE, BATCH_SHARDS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)

@@ -43,6 +43,17 @@ def schema(version: dict[str, Any]) -> dict[str, Any]:
     return version["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module", params=crdgen.RESOURCES, ids=lambda r: r.kind)
+def resource(request: pytest.FixtureRequest) -> crdgen.Resource:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def every_schema(resource: crdgen.Resource) -> dict[str, Any]:
+    """Each CRD's schema in turn, for the checks every structural schema must pass."""
+    return crdgen.crd(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
+
+
 def nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     """Every schema node of the tree, with a readable path."""
     yield path or "<root>", node
@@ -54,10 +65,10 @@ def nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str,
         yield from nodes(node["additionalProperties"], f"{path}{{}}")
 
 
-def test_committed_crd_matches_the_generator() -> None:
-    assert CRD_FILE.read_text() == crdgen.render_crd_yaml(), (
-        f"{CRD_FILE.relative_to(ROOT)} drifted from operator/modeldeploy/api.py: "
-        "run `make crds` and commit the result"
+def test_committed_crd_matches_the_generator(resource: crdgen.Resource) -> None:
+    path = ROOT / "crds" / resource.file
+    assert path.read_text() == crdgen.render_crd_yaml(resource), (
+        f"{path.relative_to(ROOT)} drifted from {resource.source}: run `make crds` and commit the result"
     )
 
 
@@ -75,50 +86,55 @@ def test_walk_covers_the_whole_tree(schema: dict[str, Any]) -> None:
     assert len(paths) > 150
 
 
-def test_schema_has_no_non_structural_keywords(schema: dict[str, Any]) -> None:
-    bad = [f"{path}: {key}" for path, node in nodes(schema) for key in FORBIDDEN if key in node]
+def test_schema_has_no_non_structural_keywords(
+    every_schema: dict[str, Any], resource: crdgen.Resource
+) -> None:
+    bad = [f"{path}: {key}" for path, node in nodes(every_schema) for key in FORBIDDEN if key in node]
     assert not bad, bad
     # and nowhere in the raw document either (e.g. inside items of passthrough nodes)
-    assert not re.search(r"^\s*(\$ref|anyOf|allOf|oneOf|title|default):", CRD_FILE.read_text(), re.M)
+    text = (ROOT / "crds" / resource.file).read_text()
+    assert not re.search(r"^\s*(\$ref|anyOf|allOf|oneOf|title|default):", text, re.M)
 
 
-def test_only_kubernetes_schema_keywords(schema: dict[str, Any]) -> None:
-    unknown = [f"{path}: {k}" for path, node in nodes(schema) for k in node if k not in ALLOWED_KEYWORDS]
+def test_only_kubernetes_schema_keywords(every_schema: dict[str, Any]) -> None:
+    unknown = [
+        f"{path}: {k}" for path, node in nodes(every_schema) for k in node if k not in ALLOWED_KEYWORDS
+    ]
     assert not unknown, unknown
-    for path, node in nodes(schema):
+    for path, node in nodes(every_schema):
         # OpenAPI v3.0 (what the API server speaks): exclusive bounds are booleans, not numbers
         for key in ("exclusiveMinimum", "exclusiveMaximum"):
             assert isinstance(node.get(key, False), bool), f"{path}: {key} must be a boolean"
         assert node.get("uniqueItems") is not True, f"{path}: uniqueItems: true is refused in CRDs"
 
 
-def test_every_node_has_a_type(schema: dict[str, Any]) -> None:
-    untyped = [path for path, node in nodes(schema) if "type" not in node]
+def test_every_node_has_a_type(every_schema: dict[str, Any]) -> None:
+    untyped = [path for path, node in nodes(every_schema) if "type" not in node]
     assert not untyped, untyped
 
 
-def test_object_nodes_with_properties_are_objects(schema: dict[str, Any]) -> None:
+def test_object_nodes_with_properties_are_objects(every_schema: dict[str, Any]) -> None:
     wrong = [
         path
-        for path, node in nodes(schema)
+        for path, node in nodes(every_schema)
         if ("properties" in node or "additionalProperties" in node) and node.get("type") != "object"
     ]
     assert not wrong, wrong
 
 
-def test_arrays_have_items_and_maps_do_not_mix_properties(schema: dict[str, Any]) -> None:
+def test_arrays_have_items_and_maps_do_not_mix_properties(every_schema: dict[str, Any]) -> None:
     no_items = [
-        p for p, n in nodes(schema) if n.get("type") == "array" and not isinstance(n.get("items"), dict)
+        p for p, n in nodes(every_schema) if n.get("type") == "array" and not isinstance(n.get("items"), dict)
     ]
-    mixed = [p for p, n in nodes(schema) if "properties" in n and "additionalProperties" in n]
+    mixed = [p for p, n in nodes(every_schema) if "properties" in n and "additionalProperties" in n]
     assert not no_items, no_items
     assert not mixed, mixed
 
 
-def test_every_property_has_a_description(schema: dict[str, Any]) -> None:
-    assert schema.get("description")
+def test_every_property_has_a_description(every_schema: dict[str, Any]) -> None:
+    assert every_schema.get("description")
     missing = []
-    for path, node in nodes(schema):
+    for path, node in nodes(every_schema):
         for name, child in (node.get("properties") or {}).items():
             # The API server publishes ObjectMeta's own documentation for the root metadata.
             if path == "<root>" and name == "metadata":
@@ -292,4 +308,8 @@ def test_api_reference_matches_the_schema() -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "api-reference.md"
     assert docs.read_text() == crdgen.render_api_reference(), (
         "docs/api-reference.md is stale: run `make crds`"
+    )
+    batch = docs.parent / "batchinference-api.md"
+    assert batch.read_text() == crdgen.render_api_reference(crdgen.BATCH_INFERENCE), (
+        "docs/batchinference-api.md is stale: run `make crds`"
     )

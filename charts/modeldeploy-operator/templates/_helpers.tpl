@@ -110,6 +110,21 @@ namespaced). Every rule is justified in the chart README ("RBAC").
 - apiGroups: [""]
   resources: ["secrets", "persistentvolumeclaims"]
   verbs: ["get"]
+# BatchInferences: watched; the operator writes only their status. Their Job carries an
+# ownerReference with blockOwnerDeletion (finalizers: see above).
+- apiGroups: ["modeldeploy.io"]
+  resources: ["batchinferences"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["modeldeploy.io"]
+  resources: ["batchinferences/status"]
+  verbs: ["patch"]
+- apiGroups: ["modeldeploy.io"]
+  resources: ["batchinferences/finalizers"]
+  verbs: ["update"]
+# A BatchInference's one Indexed Job (immutable once created: created, observed, deleted with it).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Rollout milestones as Events (core/v1, which is also what kopf posts to).
 - apiGroups: [""]
   resources: ["events"]

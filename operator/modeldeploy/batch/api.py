@@ -112,6 +112,11 @@ class BatchInferenceSpec(_Model):
 
     model_config = _with_rules(
         cel("self.input.uri != self.output.uri", "output.uri must differ from input.uri"),
+        cel(
+            "self == oldSelf",
+            "spec is immutable once created (its Job is): delete the BatchInference and create a new one; "
+            "shards already done under the same output.uri are not scored again",
+        ),
     )
 
     model: BatchModel = Field(description="The model that scores the records.")
@@ -166,6 +171,11 @@ class BatchInferenceStatus(_Model):
     records_per_second: float | None = Field(default=None, ge=0, description="Throughput so far.")
     start_time: str | None = Field(default=None, description="When the first worker started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When it succeeded or failed (RFC 3339).")
+    model_revision: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Hash of the model revision scoring (a ModelDeployment's stable one when the job began).",
+    )
     manifest: str | None = Field(
         default=None, max_length=2048, description="URI of the manifest, once written."
     )

@@ -22,6 +22,11 @@ WORKER_CONTAINER = "worker"
 WORKER_CREDENTIALS_DIR = "/var/run/modeldeploy/data-credentials"
 
 
+#: The worker's exit codes for "the job cannot succeed" (:data:`.run.EXIT_INVALID`,
+#: :data:`.run.EXIT_TOO_MANY_FAILED`; run.py is not imported here: it needs the worker's libraries).
+FAIL_JOB_EXIT_CODES = (2, 3)
+
+
 def job_name(name: str) -> str:
     return name
 
@@ -85,6 +90,22 @@ def build_job(
         "backoffLimitPerIndex": 3,
         "maxFailedIndexes": 0,
         "podReplacementPolicy": "Failed",
+        # a worker that found the job cannot succeed (input missing or not matching the model, output
+        # not writable, too many failed records) says so by its exit code: no retry helps
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": WORKER_CONTAINER,
+                        "operator": "In",
+                        "values": list(FAIL_JOB_EXIT_CODES),
+                    },
+                },
+                # evicted or preempted (a node drained, a pod deleted): not the worker's failure
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
         "template": template,
     }
     if spec.active_deadline_seconds:
@@ -119,6 +140,7 @@ def _worker(
         f"--concurrency={spec.concurrency}",
         f"--batch-size={spec.batch_size}",
         f"--retries={spec.retries_per_shard}",
+        f"--max-failed={spec.max_failed_records}",
         f"--model={md_builders.model_name(owner, model)}",
         f"--version={model.model.version}",
         f"--triton=http://127.0.0.1:{md_builders.HTTP_PORT}",

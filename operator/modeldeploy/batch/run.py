@@ -6,19 +6,28 @@ size, same numbers), takes every ``--workers``-th one from its Indexed Job compl
 tritonclient's asyncio HTTP client. The model's inputs and batch limit come from Triton's own
 metadata and config of the loaded model: what is loaded is what the records must fit.
 
-The last line it prints is its summary (shards, records, failed records), or why it stopped; the
-pod's termination message carries it to the operator.
+Before any shard it checks what would make every shard fail: the input lists and is not empty, the
+output takes a write, and the first records fit the loaded model's inputs. Any of those failing is not
+worth a retry: it exits with :data:`EXIT_INVALID`. A job over its failed-record budget exits with
+:data:`EXIT_TOO_MANY_FAILED`. The Job's pod failure policy fails the whole Job on either; any other
+failure (Triton or storage gone for a while) exits 1 and the pod is tried again, skipping done shards.
+
+Its summary, or why it stopped, is one JSON object (:class:`Report`) written to the termination
+message file: the operator reads it from the pod's status (it has no storage credentials itself).
+The worker that finds every shard of the plan done writes the manifest (any worker may: it is made
+from the done markers alone, so two writing it at once write the same bytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +35,16 @@ import obstore
 
 from .. import api
 from ..triton import staging
+from . import api as bapi
 from . import records, shards, worker
+
+#: Exit codes the Job's pod failure policy fails the whole Job on (no retry helps).
+EXIT_INVALID = 2
+EXIT_TOO_MANY_FAILED = 3
+#: How many of the first records are parsed before any shard: none fitting the model stops the job.
+SCHEMA_SAMPLE_RECORDS = 16
+SCHEMA_SAMPLE_BYTES = 256 * 1024
+TERMINATION_LOG = "/dev/termination-log"
 
 #: Triton (KServe v2) datatype -> the config data type of api.TensorSpec.
 _CONFIG_TYPE = {v: k for k, v in records.V2_TYPE.items()}
@@ -47,6 +65,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--triton", default="http://127.0.0.1:8000")
     p.add_argument("--input-credentials-dir", type=Path, default=None)
     p.add_argument("--output-credentials-dir", type=Path, default=None)
+    p.add_argument("--max-failed", default="0", help='failed records before the job fails: "100" or "0.5%%"')
+    p.add_argument("--termination-log", type=Path, default=Path(TERMINATION_LOG))
+
+
+class Stop(Exception):
+    """The job cannot succeed: ``reason`` (a CamelCase word for the status) and why."""
+
+    def __init__(self, reason: str, message: str, code: int = EXIT_INVALID) -> None:
+        super().__init__(message)
+        self.reason, self.code = reason, code
+
+
+@dataclass
+class Report:
+    """What a worker tells the operator through its termination message (kept under 4 KiB)."""
+
+    worker: int
+    plan: int = 0  # shards in the whole plan
+    shards: int = 0  # this worker's shards done (including those done before it started)
+    assigned: int = 0
+    records: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    manifest: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    totals: dict[str, int] = field(default_factory=dict)  # the manifest's, once all shards are done
+
+    def dump(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, {})})[:4000]
 
 
 class Triton:
@@ -148,12 +196,23 @@ async def run(
     concurrency: int,
     batch_size: int,
     retries: int,
+    max_failed: str = "0",
+    report: Report | None = None,
 ) -> list[worker.ShardOutcome]:
-    """Every shard of this worker, each tried up to ``retries`` more times."""
-    plan = shards.plan(list(input_objects(source)), shard_bytes)
+    """Every shard of this worker, each tried up to ``retries`` more times. Raises :class:`Stop`
+    when the job cannot succeed (checked before the first shard, and after each shard with failed
+    records against ``max_failed``)."""
+    report = report if report is not None else Report(index)
+    plan = shards.plan(await _listing(source), shard_bytes)
+    if not plan:
+        raise Stop("InputEmpty", "no records: the input location holds no objects, or only empty ones")
+    await _check_writable(sink, index)
     await triton.load_signature()
+    await _check_schema(source, plan[0], triton.inputs)
+    mine = shards.assigned(plan, index, workers)
+    report.plan, report.assigned = len(plan), len(mine)
     out = []
-    for shard in shards.assigned(plan, index, workers):
+    for shard in mine:
         for attempt in range(retries + 1):
             try:
                 outcome = await worker.run_shard(
@@ -173,7 +232,105 @@ async def run(
             else:
                 out.append(outcome)
                 break
+        report.shards, report.records, report.failed = (
+            len(out),
+            sum(o.records for o in out),
+            sum(o.failed for o in out),
+        )
+        if out[-1].failed and not max_failed.endswith("%"):
+            done = await worker.done_counts(sink, len(plan))
+            failed = sum(c["failed"] for c in done.values())
+            if failed > int(max_failed):
+                raise Stop(
+                    "TooManyFailedRecords",
+                    f"{failed} records failed so far, more than maxFailedRecords {max_failed}; "
+                    "see the errors files",
+                    EXIT_TOO_MANY_FAILED,
+                )
+    await _finish(sink, plan, max_failed, report)
     return out
+
+
+async def _listing(source: Any) -> list[shards.InputObject]:
+    try:
+        return list(input_objects(source))
+    except Exception as exc:
+        raise Stop("InputUnreadable", f"cannot list the input: {exc}") from None
+
+
+async def _check_writable(sink: Any, index: int) -> None:
+    probe = f".modeldeploy-write-check-{index}"
+    try:
+        await obstore.put_async(sink, probe, b"")
+        await obstore.delete_async(sink, probe)
+    except Exception as exc:
+        raise Stop("OutputNotWritable", f"cannot write to the output location: {exc}") from None
+
+
+async def _check_schema(source: Any, first: shards.Shard, inputs: list[api.TensorSpec]) -> None:
+    """The first records of the input against the model's inputs: none of them fitting is a schema
+    that does not match (one malformed record among good ones goes to the errors file instead)."""
+    size = (await obstore.head_async(source, first.key))["size"]
+    end = min(size, first.start + SCHEMA_SAMPLE_BYTES)
+    data = bytes(await obstore.get_range_async(source, first.key, start=first.start, end=end))
+    sample = shards.Shard(first.index, first.key, first.start, end)
+    errors = []
+    for n, (_, line) in enumerate(shards.lines(sample, data, first.start, end)):
+        if n >= SCHEMA_SAMPLE_RECORDS or line is None:
+            break
+        try:
+            records.parse(line, inputs)
+        except records.RecordError as exc:
+            errors.append(str(exc))
+        else:
+            return
+    if errors:
+        wanted = ", ".join(f"{t.name} ({t.data_type}, dims {t.dims})" for t in inputs)
+        raise Stop(
+            "SchemaMismatch",
+            f"none of the first {len(errors)} records fits the model's inputs [{wanted}]: {errors[0]}",
+        )
+
+
+async def _finish(sink: Any, plan: list[shards.Shard], max_failed: str, report: Report) -> None:
+    """If every shard of the plan is done: the manifest, and the failed-record budget on the whole."""
+    done = await worker.done_counts(sink, len(plan))
+    if len(done) < len(plan):
+        return  # other workers still have shards: the last one to finish writes it
+    records_ = sum(c["records"] for c in done.values())
+    failed = sum(c["failed"] for c in done.values())
+    budget = bapi.failure_budget(max_failed, records_ + failed)
+    manifest = {
+        "shards": len(plan),
+        "records": records_,
+        "failed": failed,
+        "maxFailedRecords": max_failed,
+        "succeeded": failed <= budget,
+        "parts": [
+            {
+                "shard": s.index,
+                "input": s.key,
+                "range": [s.start, s.end],
+                "results": shards.results_key("", s),
+                "errors": shards.errors_key("", s),
+                "records": done[s.index]["records"],
+                "failed": done[s.index]["failed"],
+            }
+            for s in plan
+        ],
+    }
+    await obstore.put_async(
+        sink, shards.manifest_key(""), json.dumps(manifest, indent=1, sort_keys=True).encode()
+    )
+    report.manifest = shards.MANIFEST
+    report.totals = {"shards": len(plan), "records": records_, "failed": failed}
+    if failed > budget:
+        raise Stop(
+            "TooManyFailedRecords",
+            f"{failed} of {records_ + failed} records failed, more than maxFailedRecords {max_failed}; "
+            "see the errors files",
+            EXIT_TOO_MANY_FAILED,
+        )
 
 
 async def run_with_triton(url: str, model: str, version: str, **kwargs: Any) -> list[worker.ShardOutcome]:
@@ -189,12 +346,25 @@ def main(args: argparse.Namespace) -> int:
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     source_settings = staging.Settings(credentials_dir=args.input_credentials_dir, environ=os.environ)
     sink_settings = staging.Settings(credentials_dir=args.output_credentials_dir, environ=os.environ)
+    report = Report(index)
+
+    def scrub(text: str) -> str:
+        return source_settings.scrub(sink_settings.scrub(text))
+
+    def finish(code: int) -> int:
+        line = report.dump()
+        print(line, flush=True)
+        # not in a pod (a developer running it by hand): the line printed is the report
+        with contextlib.suppress(OSError):
+            args.termination_log.write_text(line)
+        return code
+
     try:
         source = staging.open_store(args.input, source_settings).store
         sink = staging.open_store(args.output, sink_settings).store
     except staging.StageError as exc:
-        print(f"batch-worker: {source_settings.scrub(sink_settings.scrub(str(exc)))}", file=sys.stderr)
-        return 2
+        report.reason, report.message = "StorageUnusable", scrub(str(exc))
+        return finish(EXIT_INVALID)
 
     async def go() -> list[worker.ShardOutcome]:
         return await run_with_triton(
@@ -209,22 +379,17 @@ def main(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             batch_size=args.batch_size,
             retries=args.retries,
+            max_failed=args.max_failed,
+            report=report,
         )
 
     t0 = time.monotonic()
+    code = 0
     try:
-        outcomes = asyncio.run(go())
+        asyncio.run(go())
+    except Stop as exc:
+        report.reason, report.message, code = exc.reason, scrub(str(exc)), exc.code
     except Exception as exc:
-        message = source_settings.scrub(sink_settings.scrub(f"{type(exc).__name__}: {exc}"))
-        print(f"batch-worker {index}: stopped: {message}", file=sys.stderr)
-        return 1
-    summary = {
-        "worker": index,
-        "shards": len(outcomes),
-        "records": sum(o.records for o in outcomes),
-        "failed": sum(o.failed for o in outcomes),
-        "skipped": sum(o.skipped for o in outcomes),
-        "seconds": round(time.monotonic() - t0, 3),
-    }
-    print(json.dumps(summary), flush=True)
-    return 0
+        report.reason, report.message, code = "WorkerError", scrub(f"{type(exc).__name__}: {exc}"), 1
+    report.seconds = round(time.monotonic() - t0, 3)
+    return finish(code)

@@ -114,6 +114,24 @@ async def run_shard(
     return ShardOutcome(shard.index, len(results), len(errors))
 
 
+async def done_counts(sink: Any, shards_in_plan: int, out_prefix: str = "") -> dict[int, dict[str, Any]]:
+    """The counts of every done shard (its marker), by shard index; markers of shards past the plan
+    (an output location reused with another plan) are not counted."""
+    prefix = shards._join(out_prefix, DONE_DIR)
+    keys = [
+        m["path"]
+        for batch in obstore.list(sink, prefix=prefix or None)
+        for m in batch
+        if m["path"].rsplit("/", 1)[-1].startswith("part-")
+    ]
+
+    async def read(key: str) -> dict[str, Any]:
+        return dict(json.loads(bytes(await (await obstore.get_async(sink, key)).bytes_async())))
+
+    counts = await asyncio.gather(*(read(k) for k in keys))
+    return {int(c["shard"]): c for c in counts if 0 <= int(c["shard"]) < shards_in_plan}
+
+
 def _error(shard: shards.Shard, offset: int, reason: str) -> dict[str, Any]:
     return {"key": shard.key, "offset": offset, "reason": reason}
 

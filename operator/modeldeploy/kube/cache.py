@@ -25,6 +25,8 @@ _OWNS_REPLICAS = {
     "operation": "Apply",
     "fieldsV1": {"f:spec": {"f:replicas": {}}},
 }
+#: A BatchInference's objects carry this label (batch/builders.LABEL_BATCH) instead of the name label.
+BATCH_LABEL = f"{api.GROUP}/batch"
 _SHARED_MAX_CHARS = 40  # names, label values, image names, field values like "TCP"; not messages
 
 
@@ -92,9 +94,14 @@ class Cache:
 
     @staticmethod
     def _owner(obj: dict[str, Any]) -> str:
+        """A ModelDeployment's children by its name label; a BatchInference's (its Job, ConfigMap and
+        pods) as ``BatchInference/NAME``, from their batch label."""
         if obj.get("kind") == api.KIND:
             return str(obj["metadata"]["name"])
-        return str((obj["metadata"].get("labels") or {}).get(api.LABEL_NAME, ""))
+        labels = obj["metadata"].get("labels") or {}
+        if BATCH_LABEL in labels:
+            return f"BatchInference/{labels[BATCH_LABEL]}"
+        return str(labels.get(api.LABEL_NAME, ""))
 
     def put(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]

@@ -55,6 +55,8 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
     "Event": ("/api/v1", "events", True),
     "ModelDeployment": ("/apis/modeldeploy.io/v1alpha1", "modeldeployments", True),
+    "BatchInference": ("/apis/modeldeploy.io/v1alpha1", "batchinferences", True),
+    "Job": ("/apis/batch/v1", "jobs", True),
     "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes", True),
     "GRPCRoute": ("/apis/gateway.networking.k8s.io/v1", "grpcroutes", True),
     "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors", True),

@@ -1,0 +1,142 @@
+"""A BatchInference's status from its Job and its workers' reports (pure), and which model scores."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from modeldeploy import api
+from modeldeploy.batch import api as bapi
+from modeldeploy.batch import controller, status
+from modeldeploy.modeldeployment import revision
+
+NOW = datetime(2026, 12, 3, 12, 0, 10, tzinfo=UTC)
+
+
+def pod(index: int, report: dict[str, Any] | None, name: str = "") -> dict[str, Any]:
+    term = {"exitCode": 0, "message": json.dumps(report)} if report is not None else None
+    cs = {"name": "worker", "state": {"terminated": term} if term else {"running": {}}}
+    return {
+        "metadata": {"name": name or f"bi-{index}", "labels": {status.INDEX_LABEL: str(index)}},
+        "status": {"containerStatuses": [cs]},
+    }
+
+
+def job(*conditions: tuple[str, str], **st: Any) -> dict[str, Any]:
+    return {
+        "status": {
+            "startTime": "2026-12-03T12:00:00Z",
+            "conditions": [
+                {"type": t, "status": "True", "reason": r, "lastTransitionTime": "2026-12-03T12:00:05Z"}
+                for t, r in conditions
+            ],
+            **st,
+        }
+    }
+
+
+def derive(job_: dict[str, Any] | None, pods: list[dict[str, Any]], **kw: Any) -> bapi.BatchInferenceStatus:
+    return status.derive(
+        bapi.BatchInferenceStatus(),
+        generation=1,
+        now=NOW,
+        job=job_,
+        pods=pods,
+        output_uri="s3://b/out/",
+        **kw,
+    )
+
+
+def cond(st: bapi.BatchInferenceStatus, type_: str) -> api.Condition:
+    return next(c for c in st.conditions or [] if c.type == type_)
+
+
+def test_no_job_yet_is_pending_with_the_reason_it_waits() -> None:
+    st = derive(None, [], waiting=("ModelDeploymentNotFound", "spec.model.modelDeploymentRef: ..."))
+    assert st.phase == "Pending"
+    assert (cond(st, "Complete").status, cond(st, "Complete").reason) == ("False", "ModelDeploymentNotFound")
+
+
+def test_running_progress_sums_each_workers_latest_report() -> None:
+    pods = [
+        pod(0, {"worker": 0, "plan": 8, "shards": 2, "records": 200, "failed": 1}, "a"),
+        pod(0, {"worker": 0, "plan": 8, "shards": 3, "records": 300, "failed": 1}, "b"),  # the retry
+        pod(1, None),
+    ]
+    st = derive(job(active=1, ready=1), pods)
+    assert st.phase == "Running" and st.progress == "3/8"
+    assert (st.records, st.records_failed, st.shards) == (300, 1, 8)
+    assert st.records_per_second == 30.0  # 300 records in the 10 s since the Job started
+
+
+def test_complete_job_succeeds_with_the_manifests_totals() -> None:
+    totals = {"shards": 8, "records": 1000, "failed": 2}
+    pods = [
+        pod(0, {"worker": 0, "plan": 8, "shards": 4, "records": 500, "failed": 1}),
+        pod(1, {"worker": 1, "plan": 8, "shards": 4, "records": 498, "failed": 1, "totals": totals}),
+    ]
+    st = derive(job(("Complete", "CompletionsReached"), completionTime="2026-12-03T12:00:05Z"), pods)
+    assert st.phase == "Succeeded" and st.progress == "8/8" and st.records == 1000
+    assert st.manifest == "s3://b/out/_manifest.json"
+    assert cond(st, "Complete").status == "True" and cond(st, "Failed").status == "False"
+    assert st.completion_time == "2026-12-03T12:00:05Z" and st.records_per_second == 200.0
+
+
+def test_failed_job_reports_the_workers_reason() -> None:
+    report = {"worker": 0, "reason": "TooManyFailedRecords", "message": "12 records failed so far"}
+    st = derive(job(("Failed", "PodFailurePolicy")), [pod(0, report)])
+    assert st.phase == "Failed"
+    assert (cond(st, "Failed").status, cond(st, "Failed").reason) == ("True", "TooManyFailedRecords")
+    assert "12 records failed" in (st.message or "")
+    ev = controller.events(bapi.BatchInferenceStatus(phase="Running"), st)
+    assert ev == [("Warning", "TooManyFailedRecords", st.message)]
+
+
+def test_failed_job_without_a_report_says_the_jobs_reason() -> None:
+    st = derive(job(("Failed", "DeadlineExceeded")), [pod(0, None)])
+    assert cond(st, "Failed").reason == "DeadlineExceeded"
+
+
+def test_an_invalid_spec_fails_at_once() -> None:
+    st = derive(None, [], invalid="spec.parallelism: must be at least 1")
+    assert st.phase == "Failed" and cond(st, "Failed").reason == "InvalidSpec"
+
+
+def test_a_worker_message_that_is_not_json_is_kept_as_the_reason() -> None:
+    p = pod(0, None)
+    p["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 1, "message": "Traceback ..."}}
+    assert status.collect([p]).failure == ("WorkerError", "Traceback ...")
+
+
+SPEC = {"model": {"format": "python", "storageUri": "s3://models/m", "version": 3}}
+
+
+def md(status_: dict[str, Any] | None) -> dict[str, Any]:
+    return {"metadata": {"name": "m"}, "spec": SPEC, "status": status_ or {}}
+
+
+def bi(ref: str | None = "m") -> bapi.BatchInferenceSpec:
+    model = {"modelDeploymentRef": {"name": ref}} if ref else {"inline": SPEC}
+    return bapi.BatchInferenceSpec.model_validate(
+        {"model": model, "input": {"uri": "s3://d/in"}, "output": {"uri": "s3://d/out"}}
+    )
+
+
+def test_a_model_deployment_scores_with_its_stable_revision_not_its_spec() -> None:
+    stable = api.ModelDeploymentSpec.model_validate({**SPEC, "model": {**SPEC["model"], "version": 2}})
+    rec = {"revision": 1, "modelVersion": 2, "image": "t", "created": "x", "outcome": "Serving"}
+    history = [{**rec, "hash": revision.revision_hash(stable), "spec": revision.pod_shaping(stable)}]
+    got = controller.resolve_model(bi(), md({"stableRevision": 1, "history": history}))
+    assert isinstance(got, controller.Model)
+    assert got.spec.model.version == 2 and got.revision == revision.revision_hash(stable)
+
+
+def test_a_model_deployment_without_a_stable_revision_or_missing_waits() -> None:
+    assert controller.resolve_model(bi(), md(None))[0] == "NoStableRevision"  # type: ignore[index]
+    assert controller.resolve_model(bi(), None)[0] == "ModelDeploymentNotFound"  # type: ignore[index]
+
+
+def test_an_inline_model_scores_as_written() -> None:
+    got = controller.resolve_model(bi(None), None)
+    assert isinstance(got, controller.Model) and got.spec.model.version == 3
