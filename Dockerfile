@@ -19,7 +19,7 @@ RUN python -m venv /opt/modeldeploy
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 # A regular (non-editable) install; pip byte-compiles, so nothing is written at run time.
-RUN /opt/modeldeploy/bin/pip install . \
+RUN /opt/modeldeploy/bin/pip install '.[worker]' \
  && /opt/modeldeploy/bin/modeldeploy --version \
  && /opt/modeldeploy/bin/modeldeploy-operator run --help >/dev/null
 

@@ -19,7 +19,7 @@ help: ## list targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,dev,triton]'
+	$(PY) -m pip install --quiet -e '.[test,dev,triton,worker]'
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with the package and test tools

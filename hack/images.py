@@ -23,7 +23,7 @@ Three images, each from Debian packages and PyPI wheels only, written as OCI ima
   intercepted here and the host's CA bundle is not in the root), so the wheelhouse is built on
   the host (``pip wheel . -c <pins>``) and installed offline (``--no-index --find-links``). The
   pins are the versions installed in the running venv (the project's runtime requirements and
-  theirs, no extras): the image runs the dependency set the tests ran.
+  theirs, and the worker extra's): the image runs the dependency set the tests ran.
 
 Choices:
 
@@ -133,8 +133,10 @@ TRITON_PACKAGES = ("python3", "libpython3.11", "python3-numpy", "libstdc++6")
 OPERATOR_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 IMAGE_PYTHON = "3.11"  # bookworm's python3 (3.11.2): the stub version and the wheels' ABI
 
-# What `pip install` gets in the operator image: the project itself, no extras (Dockerfile: `pip install .`)
-OPERATOR_INSTALL = "."
+# What `pip install` gets in the operator image: the project and its batch worker's libraries
+# (Dockerfile: `pip install '.[worker]'`)
+OPERATOR_EXTRAS = ("worker",)
+OPERATOR_INSTALL = f".[{','.join(OPERATOR_EXTRAS)}]"
 OPERATOR_VENV = "/opt/modeldeploy"
 TRITON_HOME = "/opt/tritonserver"
 STUB_NAME = "triton_python_backend_stub"
@@ -540,6 +542,8 @@ def pinned_requirements(project: Path) -> list[str]:
     env.update(python_full_version="3.11.2", python_version=IMAGE_PYTHON)  # the image's python3
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())
     queue: list[tuple[str, str]] = [(r, "") for r in pyproject["project"].get("dependencies", [])]
+    optional = pyproject["project"].get("optional-dependencies", {})
+    queue += [(r, extra) for extra in OPERATOR_EXTRAS for r in optional.get(extra, [])]
     pins: dict[str, str] = {}
     seen: set[tuple[str, str]] = set()
     while queue:
@@ -879,7 +883,8 @@ def _build_operator_root(root: Path, project: Path, log: Path, workdir: Path) ->
     inside = (
         f"python3 -m venv {venv}; "
         f"PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 {venv}/bin/pip install --quiet --no-index "
-        f"--find-links /tmp/wheels modeldeploy; "
+        f"--find-links /tmp/wheels 'modeldeploy[{','.join(OPERATOR_EXTRAS)}]'; "
+        f"{venv}/bin/python -c 'import numpy, tritonclient.http.aio'; "
         f"test \"$({venv}/bin/python -c 'import sys; print(sys.version.split()[0])')\" = "
         f"\"$(/usr/bin/python3 -c 'import sys; print(sys.version.split()[0])')\"; "
         f"{venv}/bin/modeldeploy --version; "

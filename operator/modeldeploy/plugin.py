@@ -7,6 +7,7 @@
     kubectl modeldeploy pause    NAME [-n NS]     spec.paused: true
     kubectl modeldeploy resume   NAME [-n NS]     spec.paused: false, and continue past a step pause
     kubectl modeldeploy rollback NAME --to-revision N [-n NS]
+    kubectl modeldeploy batch    NAME [-n NS]     a BatchInference's progress
 
 Every command is one merge patch of the ModelDeployment, so Kubernetes RBAC governs it
 (``patch`` on ``modeldeployments``): promote/resume/abort set the annotations
@@ -151,6 +152,39 @@ def format_status(md: dict[str, Any]) -> str:
     return out
 
 
+def format_batch(bi: dict[str, Any]) -> str:
+    """A BatchInference's progress: phase, shards, records, throughput, where the manifest is."""
+    st = bi.get("status") or {}
+    spec = bi.get("spec") or {}
+    model = spec.get("model") or {}
+    ref = (model.get("modelDeploymentRef") or {}).get("name")
+    lines = [
+        f"Name:        {bi['metadata']['name']}",
+        f"Phase:       {st.get('phase') or 'Pending'}" + (f" ({st['message']})" if st.get("message") else ""),
+        f"Model:       {'ModelDeployment ' + ref if ref else 'inline'}"
+        + (f", revision {st['modelRevision']}" if st.get("modelRevision") else ""),
+        f"Input:       {(spec.get('input') or {}).get('uri', '-')}",
+        f"Output:      {(spec.get('output') or {}).get('uri', '-')}",
+        f"Shards:      {st.get('progress') or '-'}"
+        + (f", {st['shardsFailed']} failed" if st.get("shardsFailed") else ""),
+        f"Records:     {st.get('records', 0)} scored, {st.get('recordsFailed', 0)} failed"
+        + f" (allowed: {spec.get('maxFailedRecords', '0')})",
+        f"Throughput:  {st['recordsPerSecond']} records/s"
+        if st.get("recordsPerSecond")
+        else "Throughput:  -",
+        f"Started:     {st.get('startTime') or '-'}",
+        f"Completed:   {st.get('completionTime') or '-'}",
+        f"Manifest:    {st.get('manifest') or '-'}",
+    ]
+    rows = [
+        (c.get("type"), c.get("status"), c.get("reason"), c.get("message", ""))
+        for c in st.get("conditions") or []
+    ]
+    if rows:
+        lines += ["", format_table(("TYPE", "STATUS", "REASON", "MESSAGE"), rows).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
 def describe_patch(command: str, name: str, namespace: str, revision: int | None = None) -> str:
     what = {
         "promote": "promotion requested (remaining steps skipped)",
@@ -243,10 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pause": "pause the rollout where it is (spec.paused: true)",
         "resume": "resume a paused rollout, also past a step pause without duration",
         "rollback": "serve an earlier revision (spec.rollbackTo.revision)",
+        "batch": "a BatchInference's phase, shards done, records scored and failed, manifest",
     }
     for command, text in helps.items():
         p = sub.add_parser(command, parents=[common], help=text, description=text)
-        p.add_argument("name", metavar="NAME", help="the ModelDeployment")
+        p.add_argument(
+            "name", metavar="NAME", help="the BatchInference" if command == "batch" else "the ModelDeployment"
+        )
         if command == "rollback":
             p.add_argument(
                 "--to-revision",
@@ -268,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace = getattr(args, "namespace", None) or default_ns
     name = args.name
     try:
+        if args.command == "batch":
+            bi = custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, "batchinferences", name
+            )
+            sys.stdout.write(format_batch(bi))
+            return 0
         if args.command in ("status", "history"):
             md = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
             sys.stdout.write(format_status(md) if args.command == "status" else format_history(md))

@@ -232,12 +232,12 @@ def test_operator_image_matches_the_dockerfile(images: ModuleType) -> None:
     # LANG=C.UTF-8 comes with the Dockerfile's python base image
     assert set(image_env) - set(docker_env) <= {"LANG"}
 
-    # the same venv, the project installed without extras
+    # the same venv, the project installed with the batch worker's extra only
     commands = _run_commands(build_stage)
     assert ["python", "-m", "venv", images.OPERATOR_VENV] in commands
     installs = [c for c in commands if c[:2] == [f"{images.OPERATOR_VENV}/bin/pip", "install"]]
     assert [c[2:] for c in installs] == [[images.OPERATOR_INSTALL]]
-    assert images.OPERATOR_INSTALL == "."  # the project itself, no [extras]
+    assert images.OPERATOR_INSTALL == ".[worker]"  # the project and the worker's libraries, no others
     assert any(c[0].endswith("/modeldeploy") and c[1:] == ["--version"] for c in commands)
 
     # the same user and group
@@ -319,7 +319,7 @@ def test_ref_follows_the_pinned_requirements(
     project = _fake_project(tmp_path)
     pins = images.pinned_requirements(project)
     assert any(p.startswith("kopf==") for p in pins) and any(p.startswith("pydantic-core==") for p in pins)
-    assert not any(p.startswith(("pytest==", "ruff==", "nvidia-pytriton==")) for p in pins), "no extras"
+    assert not any(p.startswith(("pytest==", "ruff==", "nvidia-pytriton==")) for p in pins), "no test extras"
     before = images.ref("operator", project)
     monkeypatch.setattr(images, "pinned_requirements", lambda _project: [*pins, "extra-pkg==1.0"])
     assert images.ref("operator", project) != before
@@ -331,7 +331,9 @@ def test_the_operator_image_has_no_kubernetes_client_library(images: ModuleType)
     pins = images.pinned_requirements(REPO_ROOT)
     names = {p.split("==")[0] for p in pins}
     assert "kopf" in names
-    assert not names & {"kubernetes", "kubernetes-asyncio", "pykube-ng", "pykube", "tritonclient"}, pins
+    assert not names & {"kubernetes", "kubernetes-asyncio", "pykube-ng", "pykube"}, pins
+    # the batch worker's client is there (the operator process never imports it)
+    assert {"tritonclient", "numpy"} <= names, pins
 
 
 def test_ref_follows_the_recipe(images: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

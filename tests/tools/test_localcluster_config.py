@@ -129,6 +129,8 @@ def pod_stages() -> list[dict[str, Any]]:
         (_pod("crashloop", phase="Running", deleting=True), "pod-delete"),
         (_pod(phase="Running", job=True), "pod-complete"),
         (_pod("never-ready", phase="Running", job=True), None),
+        (_pod("job-fails"), "pod-ready"),
+        (_pod("job-fails", phase="Running", job=True), "pod-job-fails"),
         (_pod(phase="Running"), None),
         (_pod("crashloop", phase="Running"), None),
     ],
@@ -156,6 +158,7 @@ def test_stage_names_and_simulated_statuses() -> None:
         "pod-never-ready",
         "pod-crashloop",
         "pod-complete",
+        "pod-job-fails",
         "pod-delete",
     }
     assert stages["pod-delete"]["spec"]["next"] == {"delete": True}

@@ -214,3 +214,34 @@ def test_without_the_kubernetes_client_the_plugin_says_which_extra_to_install(
         plugin.main(["explode"])
     assert bad.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_format_batch_shows_progress_records_and_the_reason() -> None:
+    bi = {
+        "metadata": {"name": "nightly"},
+        "spec": {
+            "model": {"modelDeploymentRef": {"name": "ranker"}},
+            "input": {"uri": "s3://d/in/"},
+            "output": {"uri": "s3://d/out/"},
+            "maxFailedRecords": "1%",
+        },
+        "status": {
+            "phase": "Running",
+            "message": "2 of 2 worker pods scoring",
+            "progress": "5/12",
+            "records": 5000,
+            "recordsFailed": 3,
+            "recordsPerSecond": 812.5,
+            "modelRevision": "abc123",
+            "conditions": [{"type": "Complete", "status": "False", "reason": "Running", "message": "m"}],
+        },
+    }
+    out = plugin.format_batch(bi)
+    assert "Phase:       Running (2 of 2 worker pods scoring)" in out
+    assert "Model:       ModelDeployment ranker, revision abc123" in out
+    assert "Shards:      5/12" in out
+    assert "Records:     5000 scored, 3 failed (allowed: 1%)" in out
+    assert "Throughput:  812.5 records/s" in out
+    assert "Complete   False    Running" in out
+    fresh = plugin.format_batch({"metadata": {"name": "new"}, "spec": {}})
+    assert "Phase:       Pending" in fresh and "Shards:      -" in fresh
