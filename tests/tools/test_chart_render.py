@@ -325,6 +325,9 @@ ALLOWED_WRITES: dict[tuple[str, str], set[str]] = {
     ("policy", "poddisruptionbudgets"): {"create", "patch", "delete"},
     ("modeldeploy.io", "modeldeployments/status"): {"patch"},
     ("modeldeploy.io", "modeldeployments/finalizers"): {"update"},
+    ("modeldeploy.io", "batchinferences/status"): {"patch"},
+    ("modeldeploy.io", "batchinferences/finalizers"): {"update"},
+    ("batch", "jobs"): {"create", "patch"},  # created once; removed by garbage collection, not by us
     ("", "events"): {"create"},
     ("coordination.k8s.io", "leases"): {"create", "update"},  # leader election only
 }
@@ -398,8 +401,11 @@ def test_rbac_covers_what_the_operator_does(helm: str, scope: str) -> None:
     for group, _version, plural in handlers.CHILD_RESOURCES:  # kopf watches these, labelled managed-by
         assert {"list", "watch"} <= g[(group, plural)], plural
     for group, _v, plural in handlers.CHILD_RESOURCES:
-        if plural != "pods":  # everything but pods is applied, read on a cache miss, deleted when stale
+        if plural not in ("pods", "jobs"):  # applied, read on a cache miss, deleted when stale
             assert {"get", "create", "patch", "delete"} <= g[(group, plural)], plural
+    assert {"get", "create", "patch"} <= g[("batch", "jobs")]  # a BatchInference's Job: created once
+    assert {"list", "watch"} <= g[(api.GROUP, "batchinferences")]
+    assert "patch" in g[(api.GROUP, "batchinferences/status")]
     assert {"list", "watch"} <= g[(api.GROUP, api.PLURAL)]
     assert "patch" in g[(api.GROUP, f"{api.PLURAL}/status")]
     assert "create" in g[("", "events")]

@@ -121,10 +121,11 @@ namespaced). Every rule is justified in the chart README ("RBAC").
 - apiGroups: ["modeldeploy.io"]
   resources: ["batchinferences/finalizers"]
   verbs: ["update"]
-# A BatchInference's one Indexed Job (immutable once created: created, observed, deleted with it).
+# A BatchInference's one Indexed Job: created once (server-side apply), observed; garbage
+# collection removes it with its BatchInference, so no delete.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Rollout milestones as Events (core/v1, which is also what kopf posts to).
 - apiGroups: [""]
   resources: ["events"]
