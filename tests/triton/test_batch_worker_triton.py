@@ -92,6 +92,7 @@ def test_worker_scores_every_record_once_like_the_model_itself(
             concurrency=4,
             batch_size=32,
             retries=0,
+            max_failed="100",
         )
 
     async def both() -> list[list[Any]]:

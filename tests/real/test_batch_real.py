@@ -1,0 +1,251 @@
+"""BatchInference on the real node: worker pods (the operator image's ``batch-worker``) beside the
+real Triton (a native sidecar, the locally built image) score records held in a real S3 server (moto
+on the node IP) and write results, errors and the manifest back to it.
+
+- 10,000 records over several shards and two pods give exactly one answer per good record, equal to
+  the model's own arithmetic, and every malformed record in the errors file with its position; a
+  worker pod deleted mid-run and the operator killed mid-run change nothing in that outcome.
+- A job over its ``maxFailedRecords`` fails with that reason, and records that do not fit the
+  model's inputs stop a job before any shard is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import obstore
+import pytest
+from obstore.store import S3Store
+from realtier import figure, on_real_node, operator_process, realnode, s3_secret, unavailable
+
+from hack import s3server
+from kube import Cluster, wait_for
+from operator_proc import install_crd
+from tritonmodels import flaky_py
+
+MODEL = "doubler"
+RECORDS = 10_000
+FILES = 4
+#: every 1000th record, malformed in one of three ways
+BAD = {i for i in range(RECORDS) if i % 1000 == 500}
+GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "batchinferences"
+
+
+def records(n: int, bad: set[int], seed: int = 11) -> tuple[list[bytes], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(n, 4)).astype(np.float32)
+    lines = []
+    for i in range(n):
+        if i in bad:
+            lines.append([b'{"X": [1, 2', b'{"X": [1, 2, 3]}', b'{"X": "four"}'][i % 3])
+        elif i % 2:
+            lines.append(json.dumps({"X": xs[i].tolist()}).encode())
+        else:
+            t = {"name": "X", "datatype": "FP32", "shape": [1, 4], "data": xs[i].tolist()}
+            lines.append(json.dumps({"inputs": [t]}).encode())
+    return lines, xs
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[Any, Any]]:
+    """moto on the node IP: bucket ``models`` with the model (Y = 2 X, 20 ms a request, so that a
+    job runs long enough to be interrupted), bucket ``data`` for inputs and outputs."""
+    try:
+        python = s3server.ensure_moto()
+    except s3server.S3ServerUnavailable as err:
+        unavailable(f"S3 server (moto): {err}")
+    work = tmp_path_factory.mktemp("batch-s3")
+    repo = work / "repo"
+    (repo / MODEL / "1").mkdir(parents=True)
+    (repo / MODEL / "1" / "model.py").write_text(flaky_py(sleep=0.02))
+    with s3server.S3Server.start(python, work / "server", host=realnode.NODE_IP) as server:
+        key = server.setup(bucket="models", upload=repo, prefix="repo")
+        server.setup(bucket="data", user="batch")
+        server.enforce_auth()
+        yield server, key
+
+
+def store(server: Any, key: Any, prefix: str) -> S3Store:
+    return S3Store(
+        "data",
+        prefix=prefix,
+        endpoint=server.endpoint,
+        access_key_id=key.access_key,
+        secret_access_key=key.secret_key,
+        region=s3server.REGION,
+        client_options={"allow_http": True},
+    )
+
+
+def upload(server: Any, key: Any, prefix: str, lines: list[bytes], files: int) -> None:
+    per = -(-len(lines) // files)
+    target = store(server, key, prefix)
+    for f in range(files):
+        obstore.put(target, f"part-{f}.jsonl", b"\n".join(lines[f * per : (f + 1) * per]) + b"\n")
+
+
+def read_jsonl(target: S3Store, folder: str) -> list[dict[str, Any]]:
+    rows = []
+    for batch in obstore.list(target, prefix=folder):
+        for meta in sorted(batch, key=lambda m: m["path"]):
+            rows += [json.loads(x) for x in bytes(obstore.get(target, meta["path"]).bytes()).splitlines()]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    install_crd(cluster)
+    with operator_process(tmp_path_factory.mktemp("operator"), ["batch-*"], images["operator"]) as op:
+        yield op
+
+
+def batch(name: str, image: str, **spec: Any) -> dict[str, Any]:
+    server = on_real_node({"image": image, "imagePullPolicy": "Never", "shmSize": "64Mi"})
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BatchInference",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {
+                "inline": {
+                    "model": {
+                        "name": MODEL,
+                        "format": "python",
+                        "storageUri": "s3://models/repo",
+                        "version": 1,
+                        "credentialsSecret": "s3",
+                        "config": {
+                            "maxBatchSize": 16,
+                            "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [4]}],
+                            "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [4]}],
+                            "instanceGroups": [{"kind": "KIND_CPU", "count": 1}],
+                        },
+                    },
+                    "server": server,
+                }
+            },
+            "input": {"uri": f"s3://data/{name}/in", "credentialsSecret": "s3"},
+            "output": {"uri": f"s3://data/{name}/out", "credentialsSecret": "s3"},
+            **spec,
+        },
+    }
+
+
+def status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    obj = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    return dict(obj.get("status") or {})
+
+
+def describe(cluster: Cluster, ns: str) -> str:
+    pods = cluster.kubectl("get", "pods,jobs,bi", "-n", ns, "-o", "wide", check=False).stdout
+    events = cluster.kubectl("get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False).stdout
+    logs = cluster.kubectl(
+        "logs", "-n", ns, "-l", "modeldeploy.io/batch", "-c", "worker", "--tail=20", check=False
+    )
+    return f"\n{pods}\n{events[-3000:]}\n{logs.stdout[-3000:]}{logs.stderr[-500:]}"
+
+
+def ended(cluster: Cluster, ns: str, name: str, timeout: float = 420) -> dict[str, Any]:
+    return wait_for(
+        lambda: st if (st := status(cluster, ns, name)).get("phase") in ("Succeeded", "Failed") else None,
+        timeout,
+        message=lambda: f"{name} ended; status {status(cluster, ns, name)}; {describe(cluster, ns)}",
+    )
+
+
+def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
+    cluster: Cluster, operator: Any, images: dict[str, str], s3: tuple[Any, Any]
+) -> None:
+    server, key = s3
+    ns = cluster.create_namespace(prefix="batch-real")
+    lines, xs = records(RECORDS, BAD)
+    upload(server, key, "score/in", lines, FILES)
+    s3_secret(cluster, ns, server, key)
+    t0 = time.monotonic()
+    body = batch(
+        "score", images["triton"], parallelism=2, shardSize="64Ki", batchSize=16, concurrency=4,
+        maxFailedRecords="20",
+    )  # fmt: skip
+    cluster.apply(body, namespace=ns)
+    out = store(server, key, "score/out")
+
+    # Once a shard is done: delete worker pod 0 (its index is started again) and kill the operator.
+    wait_for(
+        lambda: list(obstore.list(out, prefix="done").collect()),
+        300,
+        message=lambda: f"a first shard done; {describe(cluster, ns)}",
+    )
+    victim = cluster.core.list_namespaced_pod(
+        ns, label_selector="modeldeploy.io/batch=score,batch.kubernetes.io/job-completion-index=0"
+    ).items[0]
+    cluster.core.delete_namespaced_pod(victim.metadata.name, ns)
+    operator.kill()
+    assert status(cluster, ns, "score").get("phase") not in ("Succeeded", "Failed"), "killed mid-run"
+    operator.start()
+
+    st = ended(cluster, ns, "score")
+    elapsed = time.monotonic() - t0
+    assert st["phase"] == "Succeeded", f"{st}; {describe(cluster, ns)}"
+    again = cluster.core.list_namespaced_pod(
+        ns, label_selector="modeldeploy.io/batch=score,batch.kubernetes.io/job-completion-index=0"
+    ).items
+    assert [p.status.phase for p in again if p.metadata.name != victim.metadata.name] == ["Succeeded"], (
+        "index 0 was started again and finished"
+    )
+
+    manifest = json.loads(bytes(obstore.get(out, "_manifest.json").bytes()))
+    results, errors = read_jsonl(out, "results"), read_jsonl(out, "errors")
+    good = [i for i in range(RECORDS) if i not in BAD]
+    # exactly one result per good record, in input order, each Y = 2 X as the model computes it
+    assert len(results) == len(good) == manifest["records"] == st["records"]
+    positions = [(r["key"], r["offset"]) for r in results]
+    assert len(set(positions)) == len(positions)
+    got = np.array([r["outputs"]["Y"]["data"] for r in results], dtype=np.float32)
+    np.testing.assert_array_equal(got, xs[good] * np.float32(2))
+    # every malformed record in the errors file, at its position, with the reason
+    per = -(-RECORDS // FILES)
+    offsets = {}
+    for f in range(FILES):
+        pos = 0
+        for i in range(f * per, min(RECORDS, (f + 1) * per)):
+            offsets[i] = (f"part-{f}.jsonl", pos)  # keys relative to the input location
+            pos += len(lines[i]) + 1
+    assert sorted((e["key"], e["offset"]) for e in errors) == sorted(offsets[i] for i in BAD)
+    assert all(e["reason"] for e in errors)
+    assert st["recordsFailed"] == len(BAD) == manifest["failed"]
+    assert st["progress"] == f"{manifest['shards']}/{manifest['shards']}" and manifest["shards"] >= 4
+    assert st["manifest"] == "s3://data/score/out/_manifest.json"
+    figure(
+        "batch: 10,000 records, 2 pods, a worker pod and the operator killed",
+        f"{len(results)} results, {len(errors)} errors, {manifest['shards']} shards, {elapsed:.0f}s "
+        f"from apply (Triton start included), {st.get('recordsPerSecond')} records/s by status",
+    )
+
+
+def test_too_many_failed_records_or_a_schema_that_does_not_fit_fail_the_job_with_the_reason(
+    cluster: Cluster, operator: Any, images: dict[str, str], s3: tuple[Any, Any]
+) -> None:
+    server, key = s3
+    ns = cluster.create_namespace(prefix="batch-real-bad")
+    s3_secret(cluster, ns, server, key)
+    lines, _ = records(300, {i for i in range(300) if i % 10 == 3})  # 30 malformed
+    upload(server, key, "lossy/in", lines, 1)
+    upload(server, key, "alien/in", [json.dumps({"Z": [1.0, 2.0]}).encode()] * 50, 1)
+    cluster.apply(batch("lossy", images["triton"], maxFailedRecords="5"), namespace=ns)
+    cluster.apply(batch("alien", images["triton"]), namespace=ns)
+
+    lossy, alien = ended(cluster, ns, "lossy"), ended(cluster, ns, "alien")
+    failed = {c["type"]: c for c in lossy.get("conditions") or []}["Failed"]
+    assert lossy["phase"] == "Failed" and failed["reason"] == "TooManyFailedRecords", lossy
+    assert "more than maxFailedRecords 5" in lossy["message"]
+    assert read_jsonl(store(server, key, "lossy/out"), "errors"), "the failed records are in the errors file"
+    reason = {c["type"]: c for c in alien.get("conditions") or []}["Failed"]["reason"]
+    assert alien["phase"] == "Failed" and reason == "SchemaMismatch", alien
+    assert "X (TYPE_FP32, dims [4])" in alien["message"]
+    assert not list(obstore.list(store(server, key, "alien/out")).collect()), "nothing scored or written"
