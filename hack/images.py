@@ -19,7 +19,7 @@ Three images, each from Debian packages and PyPI wheels only, written as OCI ima
 * ``operator``: what the project's ``Dockerfile`` builds (the same venv ``/opt/modeldeploy`` with
   ``pip install .``, entry points, environment, user and working directory; a tools-tier test parses
   the Dockerfile and fails on drift), on Debian bookworm essential + ``python3``,
-  ``python3-venv``, ``ca-certificates``. pip inside the new root cannot reach PyPI (TLS is
+  ``python3-venv``, ``ca-certificates``, ``libstdc++6`` (the batch worker's compiled libraries). pip inside the new root cannot reach PyPI (TLS is
   intercepted here and the host's CA bundle is not in the root), so the wheelhouse is built on
   the host (``pip wheel . -c <pins>``) and installed offline (``--no-index --find-links``). The
   pins are the versions installed in the running venv (the project's runtime requirements and
@@ -130,7 +130,8 @@ DPKG_EXCLUDES = (
     "path-exclude=/usr/share/lintian/*",
 )
 TRITON_PACKAGES = ("python3", "libpython3.11", "python3-numpy", "libstdc++6")
-OPERATOR_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# libstdc++6: the worker extra's compiled parts (ml_dtypes under tritonclient, gevent)
+OPERATOR_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libstdc++6")
 IMAGE_PYTHON = "3.11"  # bookworm's python3 (3.11.2): the stub version and the wheels' ABI
 
 # What `pip install` gets in the operator image: the project and its batch worker's libraries

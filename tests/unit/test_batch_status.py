@@ -140,3 +140,25 @@ def test_a_model_deployment_without_a_stable_revision_or_missing_waits() -> None
 def test_an_inline_model_scores_as_written() -> None:
     got = controller.resolve_model(bi(None), None)
     assert isinstance(got, controller.Model) and got.spec.model.version == 3
+
+
+def test_running_workers_progress_counts_until_their_final_report() -> None:
+    live = [
+        {"worker": 0, "plan": 8, "shards": 1, "records": 100, "failed": 0},
+        {"worker": 1, "plan": 8, "shards": 2, "records": 200, "failed": 1, "reason": "ignored while running"},
+    ]
+    st = derive(job(active=2, ready=2), [pod(0, None), pod(1, None)], live=live)
+    assert (st.phase, st.progress, st.records, st.records_failed) == ("Running", "3/8", 300, 1)
+    ended = [pod(0, {"worker": 0, "plan": 8, "shards": 4, "records": 400, "failed": 0}), pod(1, None)]
+    st = derive(job(active=1, ready=1), ended, live=live)
+    assert (st.progress, st.records) == ("6/8", 600)
+
+
+def test_progress_is_read_from_pods_whose_worker_runs() -> None:
+    running = pod(0, None)
+    running["status"]["podIP"] = "10.0.0.7"
+    waiting = pod(1, None)
+    waiting["status"].update(
+        podIP="10.0.0.8", containerStatuses=[{"name": "worker", "state": {"waiting": {}}}]
+    )
+    assert controller.running_workers([running, waiting, pod(2, {"shards": 1})]) == ["http://10.0.0.7:8090/"]

@@ -25,6 +25,8 @@ WORKER_CREDENTIALS_DIR = "/var/run/modeldeploy/data-credentials"
 #: The worker's exit codes for "the job cannot succeed" (:data:`.run.EXIT_INVALID`,
 #: :data:`.run.EXIT_TOO_MANY_FAILED`; run.py is not imported here: it needs the worker's libraries).
 FAIL_JOB_EXIT_CODES = (2, 3)
+#: The worker's report so far (:data:`.run.PROGRESS_PORT`), which the operator reads while it runs.
+PROGRESS_PORT = 8090
 
 
 def job_name(name: str) -> str:
@@ -159,7 +161,8 @@ def _worker(
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": image,
-        "args": args,
+        "args": [*args, f"--progress-port={PROGRESS_PORT}"],
+        "ports": [{"name": "progress", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": md_builders.RESTRICTED_CONTAINER_SECURITY,
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},

@@ -15,6 +15,8 @@ deleting it stops the pods and removes the Job and ConfigMap; the outputs writte
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +24,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import pydantic
 
 from .. import api
@@ -36,8 +39,11 @@ log = logging.getLogger(__name__)
 
 #: How often a BatchInference waiting for something (its ModelDeployment, a Secret) looks again.
 WAIT_SECONDS = 10.0
-#: While running: how often the status is brought up to date without an event (throughput).
-RUNNING_RESYNC_SECONDS = 30.0
+#: While running: how often the workers' progress is read and the status brought up to date.
+RUNNING_RESYNC_SECONDS = 10.0
+#: A worker's progress answer is a few hundred bytes on the pod network: one that takes longer is
+#: skipped this round (its last report stays in status), so that a reconcile never waits on it long.
+PROGRESS_TIMEOUT_SECONDS = 1.0
 EXISTS_TTL_SECONDS = 10.0
 TERMINAL = (bapi.BatchPhase.succeeded.value, bapi.BatchPhase.failed.value)
 
@@ -49,6 +55,35 @@ def owner_key(name: str) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+async def fetch_progress(url: str) -> dict[str, Any] | None:
+    """A running worker's report so far (``GET`` on its progress port), or None."""
+    timeout = aiohttp.ClientTimeout(total=PROGRESS_TIMEOUT_SECONDS)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url) as resp,
+        ):
+            if resp.status != 200:
+                return None
+            report = json.loads(await resp.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def running_workers(pods: list[dict[str, Any]]) -> list[str]:
+    """The progress URLs of the pods whose worker container runs."""
+    urls = []
+    for pod in pods:
+        st = pod.get("status") or {}
+        ip = st.get("podIP")
+        for cs in st.get("containerStatuses") or []:
+            if cs.get("name") == builders.WORKER_CONTAINER and "running" in (cs.get("state") or {}) and ip:
+                host = f"[{ip}]" if ":" in ip else ip
+                urls.append(f"http://{host}:{builders.PROGRESS_PORT}/")
+    return urls
 
 
 @dataclass(frozen=True)
@@ -99,6 +134,8 @@ class BatchReconciler:
     stager_image: str = md_builders.DEFAULT_STAGER_IMAGE
     worker_image: str = md_builders.DEFAULT_STAGER_IMAGE
     clock: Callable[[], datetime] = _now
+    #: Reads a running worker's report so far (tests give their own).
+    progress: Callable[[str], Awaitable[dict[str, Any] | None]] = fetch_progress
     _seen: dict[tuple[str, str, str], tuple[float, bool]] = field(default_factory=dict, init=False)
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
@@ -145,12 +182,15 @@ class BatchReconciler:
                 job = await self._create(bi, spec, model)
                 model_revision = model.revision
         pods = self.cache.owned("Pod", ns, owner_key(name))
+        urls = running_workers(pods) if job is not None else []
+        live = [r for r in await asyncio.gather(*(self.progress(u) for u in urls)) if r is not None]
         new = status.derive(
             old,
             generation=generation,
             now=now,
             job=job,
             pods=pods,
+            live=live,
             waiting=waiting,
             model_revision=model_revision,
             output_uri=spec.output.uri,

@@ -45,6 +45,8 @@ EXIT_TOO_MANY_FAILED = 3
 SCHEMA_SAMPLE_RECORDS = 16
 SCHEMA_SAMPLE_BYTES = 256 * 1024
 TERMINATION_LOG = "/dev/termination-log"
+#: Where a running worker serves its report so far (the operator reads it for status.progress).
+PROGRESS_PORT = 8090
 
 #: Triton (KServe v2) datatype -> the config data type of api.TensorSpec.
 _CONFIG_TYPE = {v: k for k, v in records.V2_TYPE.items()}
@@ -67,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-credentials-dir", type=Path, default=None)
     p.add_argument("--max-failed", default="0", help='failed records before the job fails: "100" or "0.5%%"')
     p.add_argument("--termination-log", type=Path, default=Path(TERMINATION_LOG))
+    p.add_argument(
+        "--progress-port", type=int, default=PROGRESS_PORT, help="serve the report so far on GET / (0: off)"
+    )
 
 
 class Stop(Exception):
@@ -342,6 +347,28 @@ async def run_with_triton(url: str, model: str, version: str, **kwargs: Any) -> 
         await triton.close()
 
 
+async def serve_progress(report: Report, port: int, host: str = "0.0.0.0") -> asyncio.Server:
+    """A minimal HTTP server answering every request with the report so far (JSON). By hand: one
+    read-only answer, where an HTTP framework would add a dependency and a thread to the worker."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            body = report.dump().encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, host, port)
+
+
 def main(args: argparse.Namespace) -> int:
     index = args.index if args.index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     source_settings = staging.Settings(credentials_dir=args.input_credentials_dir, environ=os.environ)
@@ -367,6 +394,14 @@ def main(args: argparse.Namespace) -> int:
         return finish(EXIT_INVALID)
 
     async def go() -> list[worker.ShardOutcome]:
+        server = await serve_progress(report, args.progress_port) if args.progress_port else None
+        try:
+            return await _go()
+        finally:
+            if server is not None:
+                server.close()
+
+    async def _go() -> list[worker.ShardOutcome]:
         return await run_with_triton(
             args.triton,
             args.model,

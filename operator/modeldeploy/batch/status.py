@@ -3,14 +3,16 @@ Pure functions.
 
 The operator holds no storage credentials, so it never reads the output location. Each worker
 writes a :class:`.run.Report` as its container's termination message; the pod status carries it
-here. Per completion index the latest report counts (a worker started again reports the shards done
-before it too, from their done markers). The worker that finds every shard done writes the manifest
-and reports the job's totals, which then replace the sums.
+here. While it runs, a worker serves its report so far on its progress port, which the operator
+reads (``live``). Per completion index the latest report counts (a worker started again reports
+the shards done before it too, from their done markers). The worker that finds every shard done
+writes the manifest and reports the job's totals, which then replace the sums.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -51,17 +53,23 @@ def worker_report(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def collect(pods: list[dict[str, Any]]) -> Reports:
+def collect(pods: list[dict[str, Any]], live: Sequence[dict[str, Any]] = ()) -> Reports:
+    """The ended workers' reports (termination messages) and the running ones' reports so far
+    (``live``): per completion index, the one with the most shards done. Only an ended worker's
+    reason is the job's failure."""
     by_index: dict[int, dict[str, Any]] = {}
     failure = None
-    for pod in pods:
-        report = worker_report(pod)
+    seen: list[tuple[dict[str, Any] | None, Any, bool]] = [
+        (worker_report(pod), (pod["metadata"].get("labels") or {}).get(INDEX_LABEL), True) for pod in pods
+    ]
+    seen += [(report, None, False) for report in live]
+    for report, label, ended in seen:
         if report is None:
             continue
-        if report.get("reason"):
+        if report.get("reason") and ended:
             failure = (str(report["reason"]), str(report.get("message") or ""))
         try:
-            index = int(str(report.get("worker", (pod["metadata"].get("labels") or {}).get(INDEX_LABEL))))
+            index = int(str(report.get("worker", label)))
         except (TypeError, ValueError):
             continue
         best = by_index.get(index)
@@ -84,6 +92,7 @@ def derive(
     now: datetime,
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
+    live: list[dict[str, Any]] | None = None,
     waiting: tuple[str, str] | None = None,
     invalid: str | None = None,
     model_revision: str | None = None,
@@ -110,7 +119,7 @@ def derive(
         )
         return st
 
-    reports = collect(pods)
+    reports = collect(pods, live or [])
     _counts(st, reports, output_uri)
     jst = job.get("status") or {}
     st.start_time = st.start_time or jst.get("startTime")
