@@ -81,15 +81,17 @@ def model_deployment(name: str, *, version: int = 1, replicas: int | None = 2, *
     return body
 
 
-class MD:
-    """Read helpers for one ModelDeployment."""
+class CustomObject:
+    """Read helpers for one object of ours (``plural`` says which kind)."""
+
+    plural = PLURAL
 
     def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
         self.cluster, self.namespace, self.name = cluster, namespace, name
 
     def get(self) -> dict[str, Any]:
         obj: dict[str, Any] = self.cluster.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, self.name
+            GROUP, VERSION, self.namespace, self.plural, self.name
         )
         return obj
 
@@ -98,6 +100,10 @@ class MD:
 
     def condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.status().get("conditions") or [] if c["type"] == type_), None)
+
+
+class MD(CustomObject):
+    """Read helpers for one ModelDeployment."""
 
     def patch(self, patch: dict[str, Any]) -> None:
         self.cluster.custom.patch_namespaced_custom_object(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import model_deployment, ready_on
+from conftest import CustomObject, model_deployment, ready_on
 from kube import Cluster, CommandError, hold_for, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -48,21 +48,8 @@ def reporting(report: dict[str, Any], *, labels: dict[str, str] | None = None, *
     return {"inline": {"model": MODEL, "server": server}}
 
 
-class BI:
-    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
-        self.cluster, self.namespace, self.name = cluster, namespace, name
-
-    def get(self) -> dict[str, Any]:
-        obj: dict[str, Any] = self.cluster.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, self.name
-        )
-        return obj
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.get().get("status") or {})
-
-    def condition(self, type_: str) -> dict[str, Any]:
-        return next((c for c in self.status().get("conditions") or [] if c["type"] == type_), {})
+class BI(CustomObject):
+    plural = PLURAL
 
     def wait(self, check: Any, what: str, timeout: float = 60) -> dict[str, Any]:
         def once() -> dict[str, Any] | None:
@@ -106,7 +93,7 @@ def test_a_batch_runs_as_an_indexed_job_and_succeeds_with_the_workers_counts(
     assert st["phase"] == "Succeeded", st
     assert (st["progress"], st["records"], st["recordsFailed"]) == ("6/6", 600, 2)
     assert st["startTime"] and st["completionTime"] and st["modelRevision"]
-    assert bi.condition("Failed")["status"] == "False"
+    assert (bi.condition("Failed") or {}).get("status") == "False"
 
     job = bi.job()
     assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == ("Indexed", 2, 2)
@@ -138,7 +125,7 @@ def test_a_worker_that_stops_the_job_fails_it_with_its_reason(
     bi = bi_factory(batch("doomed", model=model, parallelism=2, maxFailedRecords="40"))
 
     st = bi.wait(lambda s: s.get("phase") == "Failed", "phase Failed", timeout=90)
-    failed = bi.condition("Failed")
+    failed = bi.condition("Failed") or {}
     assert (failed["status"], failed["reason"]) == ("True", "TooManyFailedRecords"), st
     assert "more than maxFailedRecords 40" in st["message"]
     assert ("Warning", "TooManyFailedRecords") in bi.events()
@@ -152,11 +139,13 @@ def test_a_missing_model_deployment_or_secret_waits_with_the_reason_and_creates_
     cluster: Cluster, md_ns: str, bi_factory: Any, md_factory: Any
 ) -> None:
     bi = bi_factory(batch("by-ref", model={"modelDeploymentRef": {"name": "ranker"}}))
-    st = bi.wait(lambda s: bi.condition("Complete").get("reason") == "ModelDeploymentNotFound", "waiting")
+    st = bi.wait(
+        lambda s: (bi.condition("Complete") or {}).get("reason") == "ModelDeploymentNotFound", "waiting"
+    )
     assert st["phase"] == "Pending" and "ranker" in st["message"]
     secret = bi_factory(batch("no-creds", input={"uri": "s3://data/in/", "credentialsSecret": "nope"}))
     st = secret.wait(
-        lambda s: secret.condition("Complete").get("reason") == "CredentialsSecretNotFound", "wait"
+        lambda s: (secret.condition("Complete") or {}).get("reason") == "CredentialsSecretNotFound", "wait"
     )
     assert "spec.input.credentialsSecret" in st["message"] and "'nope'" in st["message"]
     assert ("Warning", "CredentialsSecretNotFound") in secret.events()

@@ -484,6 +484,8 @@ class FakeKube:
     async def exists(self, kind: str, namespace: str, name: str) -> bool:
         return (kind, namespace, name) in self.objects
 
+    exists_recently = exists
+
     async def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[Any]:
         return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace]
 

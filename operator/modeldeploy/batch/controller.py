@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,7 +43,6 @@ RUNNING_RESYNC_SECONDS = 10.0
 #: A worker's progress answer is a few hundred bytes on the pod network: one that takes longer is
 #: skipped this round (its last report stays in status), so that a reconcile never waits on it long.
 PROGRESS_TIMEOUT_SECONDS = 1.0
-EXISTS_TTL_SECONDS = 10.0
 TERMINAL = (bapi.BatchPhase.succeeded.value, bapi.BatchPhase.failed.value)
 
 
@@ -136,7 +134,6 @@ class BatchReconciler:
     clock: Callable[[], datetime] = _now
     #: Reads a running worker's report so far (tests give their own).
     progress: Callable[[str], Awaitable[dict[str, Any] | None]] = fetch_progress
-    _seen: dict[tuple[str, str, str], tuple[float, bool]] = field(default_factory=dict, init=False)
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns when to look again without an event (None: on events only)."""
@@ -217,21 +214,12 @@ class BatchReconciler:
             ("spec.input.credentialsSecret", spec.input.credentials_secret),
             ("spec.output.credentialsSecret", spec.output.credentials_secret),
         ):
-            if secret and not await self._exists("Secret", ns, secret):
+            if secret and not await self.kube.exists_recently("Secret", ns, secret):
                 return (
                     "CredentialsSecretNotFound",
                     f"{field_path}: Secret {secret!r} does not exist in this namespace; create it",
                 )
         return None
-
-    async def _exists(self, kind: str, ns: str, name: str) -> bool:
-        key = (kind, ns, name)
-        seen = self._seen.get(key)
-        if seen and time.monotonic() - seen[0] < EXISTS_TTL_SECONDS:
-            return seen[1]
-        exists = await self.kube.exists(kind, ns, name)
-        self._seen[key] = (time.monotonic(), exists)
-        return exists
 
     async def _create(
         self, bi: dict[str, Any], spec: bapi.BatchInferenceSpec, model: Model

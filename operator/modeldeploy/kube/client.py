@@ -18,6 +18,7 @@ import re
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -67,6 +68,10 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
 # Characters that JSON may carry raw (with ensure_ascii=False) but a YAML parser refuses or reads as line
 # breaks; and lone surrogates. BMP code points only: \uXXXX is a valid escape in both JSON and YAML.
 _YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+
+
+#: How long the existence of a referenced object (a Secret, a claim, a CRD) is remembered.
+EXISTS_TTL_SECONDS = 10.0
 
 
 def yaml_safe_json(body: Any) -> str:
@@ -174,6 +179,8 @@ class Kube:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._session: aiohttp.ClientSession | None = None
         self.writes = 0
+        #: Existence of referenced objects: key -> (monotonic time seen, exists).
+        self._seen: dict[tuple[str, str, str], tuple[float, bool]] = {}
 
     def _headers(self) -> dict[str, str]:
         h = {"Accept": "application/json", "User-Agent": f"{MANAGER}/0.1"}
@@ -262,6 +269,17 @@ class Kube:
     async def exists(self, kind: str, namespace: str, name: str) -> bool:
         """Existence only; the object's data (e.g. a Secret's) is not kept."""
         return await self.get(kind, namespace, name) is not None
+
+    async def exists_recently(self, kind: str, namespace: str, name: str) -> bool:
+        """:meth:`exists`, remembered for :data:`EXISTS_TTL_SECONDS` (a spec's references are checked
+        on every reconcile; Secrets are not watched: the operator never lists or caches them)."""
+        key = (kind, namespace, name)
+        seen = self._seen.get(key)
+        if seen and time.monotonic() - seen[0] < EXISTS_TTL_SECONDS:
+            return seen[1]
+        exists = await self.exists(kind, namespace, name)
+        self._seen[key] = (time.monotonic(), exists)
+        return exists
 
     async def list(
         self, kind: str, namespace: str | None, label_selector: str | None = None

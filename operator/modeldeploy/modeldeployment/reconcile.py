@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 #: A child the API server refused is sent again when it changes, or after this long (admission can change).
 REJECTED_RETRY_SECONDS = 300.0
-#: How long the existence of a referenced object (a Secret, a claim, a CRD) is remembered.
-EXISTS_TTL_SECONDS = 10.0
 #: Applied before the rest: other children refer to them (a Deployment's pods mount the ConfigMap).
 _FIRST_KINDS = ("ConfigMap",)
 
@@ -65,8 +63,6 @@ class Reconciler:
     analysis: AnalysisRunner | None = None
     stager_image: str = builders.DEFAULT_STAGER_IMAGE
     clock: Callable[[], datetime] = _now
-    #: Existence of referenced objects: key -> (monotonic time seen, exists).
-    _seen: dict[tuple[str, str, str], tuple[float, bool]] = field(default_factory=dict, init=False)
     _primed: set[str] = field(default_factory=set, init=False)
     _priming: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
     #: Children the API server refused, per ModelDeployment.
@@ -121,7 +117,9 @@ class Reconciler:
         )
         if spec is None:
             return obs
-        exists = {key: await self._exists(*key) for key in self._referenced(ns, spec, old_status)}
+        exists = {
+            key: await self.kube.exists_recently(*key) for key in self._referenced(ns, spec, old_status)
+        }
         return replace(obs, exists=exists, analysed=self._analysed(obs, spec))
 
     @staticmethod
@@ -135,16 +133,6 @@ class Reconciler:
             specs.append(target)
         keys = [(kind, ns, ref) for s in specs for kind, ref in references(s)]
         return list(dict.fromkeys(keys + decide.route_crd_keys(spec)))
-
-    async def _exists(self, kind: str, namespace: str, name: str) -> bool:
-        """Existence of a referenced object (a read, remembered for a few seconds; values never kept)."""
-        key = (kind, namespace, name)
-        seen = self._seen.get(key)
-        if seen and time.monotonic() - seen[0] < EXISTS_TTL_SECONDS:
-            return seen[1]
-        exists = await self.kube.exists(kind, namespace, name)
-        self._seen[key] = (time.monotonic(), exists)
-        return exists
 
     def _analysed(self, obs: Observation, spec: api.ModelDeploymentSpec) -> tuple[str, str] | None:
         """(stable hash, candidate hash) while the analysis gate holds: the rollout progressing with
