@@ -52,7 +52,7 @@ def records(n: int, bad: set[int], seed: int = 11) -> tuple[list[bytes], np.ndar
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[tuple[Any, Any]]:
-    """moto on the node IP: bucket ``models`` with the model (Y = 2 X, 20 ms a request, so that a
+    """moto on the node IP: bucket ``models`` with the model (Y = 2 X, 50 ms a request, so that a
     job runs long enough to be interrupted), bucket ``data`` for inputs and outputs."""
     try:
         python = s3server.ensure_moto()
@@ -61,7 +61,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[t
     work = tmp_path_factory.mktemp("batch-s3")
     repo = work / "repo"
     (repo / MODEL / "1").mkdir(parents=True)
-    (repo / MODEL / "1" / "model.py").write_text(flaky_py(sleep=0.02))
+    (repo / MODEL / "1" / "model.py").write_text(flaky_py(sleep=0.05))
     with s3server.S3Server.start(python, work / "server", host=realnode.NODE_IP) as server:
         key = server.setup(bucket="models", upload=repo, prefix="repo")
         server.setup(bucket="data", user="batch")
@@ -86,6 +86,14 @@ def upload(server: Any, key: Any, prefix: str, lines: list[bytes], files: int) -
     target = store(server, key, prefix)
     for f in range(files):
         obstore.put(target, f"part-{f}.jsonl", b"\n".join(lines[f * per : (f + 1) * per]) + b"\n")
+
+
+def exists(target: S3Store, path: str) -> bool:
+    try:
+        obstore.head(target, path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_jsonl(target: S3Store, folder: str) -> list[dict[str, Any]]:
@@ -169,23 +177,25 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     s3_secret(cluster, ns, server, key)
     t0 = time.monotonic()
     body = batch(
-        "score", images["triton"], parallelism=2, shardSize="64Ki", batchSize=16, concurrency=4,
+        "score", images["triton"], parallelism=2, shardSize="32Ki", batchSize=16, concurrency=4,
         maxFailedRecords="20",
     )  # fmt: skip
-    cluster.apply(body, namespace=ns)
+    cluster.apply(json.dumps(body), namespace=ns)  # JSON: as YAML 1.1, kubectl reads a bare Y as true
     out = store(server, key, "score/out")
 
-    # Once a shard is done: delete worker pod 0 (its index is started again) and kill the operator.
+    # Once worker 0's first shard is done: delete its pod (the index is started again, and the new
+    # pod skips that shard) and kill the operator.
     wait_for(
-        lambda: list(obstore.list(out, prefix="done").collect()),
+        lambda: exists(out, "done/part-00000.json"),
         300,
-        message=lambda: f"a first shard done; {describe(cluster, ns)}",
+        message=lambda: f"shard 0 done; {describe(cluster, ns)}",
     )
     victim = cluster.core.list_namespaced_pod(
         ns, label_selector="modeldeploy.io/batch=score,batch.kubernetes.io/job-completion-index=0"
     ).items[0]
-    cluster.core.delete_namespaced_pod(victim.metadata.name, ns)
+    cluster.core.delete_namespaced_pod(victim.metadata.name, ns, grace_period_seconds=1)
     operator.kill()
+    done_when_killed = len(list(obstore.list(out, prefix="done").collect()))
     assert status(cluster, ns, "score").get("phase") not in ("Succeeded", "Failed"), "killed mid-run"
     operator.start()
 
@@ -220,6 +230,7 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     assert all(e["reason"] for e in errors)
     assert st["recordsFailed"] == len(BAD) == manifest["failed"]
     assert st["progress"] == f"{manifest['shards']}/{manifest['shards']}" and manifest["shards"] >= 4
+    assert done_when_killed < manifest["shards"], "the pod was deleted mid-run"
     assert st["manifest"] == "s3://data/score/out/_manifest.json"
     figure(
         "batch: 10,000 records, 2 pods, a worker pod and the operator killed",
@@ -237,8 +248,8 @@ def test_too_many_failed_records_or_a_schema_that_does_not_fit_fail_the_job_with
     lines, _ = records(300, {i for i in range(300) if i % 10 == 3})  # 30 malformed
     upload(server, key, "lossy/in", lines, 1)
     upload(server, key, "alien/in", [json.dumps({"Z": [1.0, 2.0]}).encode()] * 50, 1)
-    cluster.apply(batch("lossy", images["triton"], maxFailedRecords="5"), namespace=ns)
-    cluster.apply(batch("alien", images["triton"]), namespace=ns)
+    cluster.apply(json.dumps(batch("lossy", images["triton"], maxFailedRecords="5")), namespace=ns)
+    cluster.apply(json.dumps(batch("alien", images["triton"])), namespace=ns)
 
     lossy, alien = ended(cluster, ns, "lossy"), ended(cluster, ns, "alien")
     failed = {c["type"]: c for c in lossy.get("conditions") or []}["Failed"]
