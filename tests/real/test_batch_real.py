@@ -5,12 +5,14 @@ on the node IP) and write results, errors and the manifest back to it.
 - 10,000 records over several shards and two pods give exactly one answer per good record, equal to
   the model's own arithmetic, and every malformed record in the errors file with its position; a
   worker pod deleted mid-run and the operator killed mid-run change nothing in that outcome.
+- .npy arrays: each row one record, answered like the JSON ones.
 - A job over its ``maxFailedRecords`` fails with that reason, and records that do not fit the
   model's inputs stop a job before any shard is scored.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -239,17 +241,35 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     )
 
 
-def test_too_many_failed_records_or_a_schema_that_does_not_fit_fail_the_job_with_the_reason(
+def test_npy_arrays_are_scored_and_bad_jobs_fail_with_their_reason(
     cluster: Cluster, operator: Any, images: dict[str, str], s3: tuple[Any, Any]
 ) -> None:
     server, key = s3
     ns = cluster.create_namespace(prefix="batch-real-bad")
     s3_secret(cluster, ns, server, key)
+    rng = np.random.default_rng(5)
+    arrays = [rng.normal(size=(n, 4)).astype(np.float32) for n in (150, 50)]
+    for i, a in enumerate(arrays):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        obstore.put(store(server, key, "arrays/in"), f"part-{i}.npy", buf.getvalue())
+    npy = batch("arrays", images["triton"], shardSize="1Ki")
+    npy["spec"]["input"]["format"] = "npy"
+    cluster.apply(json.dumps(npy), namespace=ns)
     lines, _ = records(300, {i for i in range(300) if i % 10 == 3})  # 30 malformed
     upload(server, key, "lossy/in", lines, 1)
     upload(server, key, "alien/in", [json.dumps({"Z": [1.0, 2.0]}).encode()] * 50, 1)
     cluster.apply(json.dumps(batch("lossy", images["triton"], maxFailedRecords="5")), namespace=ns)
     cluster.apply(json.dumps(batch("alien", images["triton"])), namespace=ns)
+
+    done = ended(cluster, ns, "arrays")
+    assert done["phase"] == "Succeeded" and done["records"] == 200, f"{done}; {describe(cluster, ns)}"
+    results = read_jsonl(store(server, key, "arrays/out"), "results")
+    assert [(r["key"], r["row"]) for r in results] == [("part-0.npy", i) for i in range(150)] + [
+        ("part-1.npy", i) for i in range(50)
+    ]
+    got = np.array([r["outputs"]["Y"]["data"] for r in results], dtype=np.float32)
+    np.testing.assert_array_equal(got, np.concatenate(arrays) * np.float32(2))
 
     lossy, alien = ended(cluster, ns, "lossy"), ended(cluster, ns, "alien")
     failed = {c["type"]: c for c in lossy.get("conditions") or []}["Failed"]

@@ -129,3 +129,59 @@ def test_worker_scores_every_record_once_like_the_model_itself(
     # Again over the finished output: every shard is skipped, nothing is sent.
     again = asyncio.run(worker(0))
     assert all(o.skipped for o in again)
+
+
+def test_worker_scores_npy_rows_like_the_model_itself(
+    triton_server: Any, model_repo: Path, write_model: Any, tmp_path: Path
+) -> None:
+    """The .npy format: every row of each array one record, answered as the model answers it alone."""
+    spec = api.ModelSpec.model_validate(
+        {
+            "format": "python",
+            "storageUri": "pvc://models/repository",
+            "version": 1,
+            "config": {
+                "maxBatchSize": 16,
+                "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [4]}],
+                "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [4]}],
+            },
+        }
+    )
+    write_model("scaler", render_config_pbtxt("scaler", spec), {1: scaler_py(3)})
+    server = triton_server(model_repo)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    rng = np.random.default_rng(3)
+    arrays = [rng.normal(size=(n, 4)).astype(np.float32) for n in (700, 1, 299)]
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / "in" / f"part-{i}.npy", a)
+    source, sink = LocalStore(str(tmp_path / "in")), LocalStore(str(tmp_path / "out"))
+    report = batch_run.Report(0)
+    asyncio.run(
+        batch_run.run_with_triton(
+            f"http://{server.http_address}",
+            "scaler",
+            "1",
+            source=source,
+            sink=sink,
+            shard_bytes=4096,
+            index=0,
+            workers=1,
+            concurrency=4,
+            batch_size=32,
+            retries=0,
+            report=report,
+            fmt="npy",
+        )
+    )
+    assert report.totals == {"shards": report.plan, "records": 1000, "failed": 0}
+    results = [
+        json.loads(line)
+        for s in range(report.plan)
+        for line in bytes(obstore.get(sink, f"results/part-{s:05d}.jsonl").bytes()).splitlines()
+    ]
+    xs = np.concatenate(arrays)
+    got = np.array([r["outputs"]["Y"]["data"] for r in results], dtype=np.float32)
+    np.testing.assert_allclose(got, 3 * xs, rtol=1e-6)
+    assert [r["row"] for r in results] == [*range(700), 0, *range(299)]
+    np.testing.assert_allclose(got[700], direct(server, xs[700]), rtol=1e-6)

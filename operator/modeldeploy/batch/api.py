@@ -34,6 +34,7 @@ DATA_URI_PATTERN = r"^(s3|gs|as)://[^/\s]+(/[^\s]*)?$"
 
 class InputFormat(StrEnum):
     jsonl = "jsonl"
+    npy = "npy"
 
 
 class ModelDeploymentRef(_Model):
@@ -95,7 +96,9 @@ class InputSpec(DataLocation):
         default=InputFormat.jsonl,
         description=(
             "jsonl: one record per line, a JSON object naming the model's inputs (KServe v2 tensors "
-            '{"inputs": [{"name", "datatype", "shape", "data"}]} or one field per input).'
+            '{"inputs": [{"name", "datatype", "shape", "data"}]} or one field per input). '
+            "npy: NumPy .npy arrays (C order, numbers or booleans) for a model with one input: each row "
+            "along the first axis is a record; results name each record's row."
         ),
     )
 

@@ -206,3 +206,85 @@ def _check_value(name: str, datatype: str, value: Any) -> None:
         ok = type(value) in (int, float) and math.isfinite(value)
     if not ok:
         raise RecordError(f"input {name}: {json.dumps(value)[:64]} is not a {datatype} value")
+
+
+# --------------------------------------------------------------------------- .npy input
+
+#: The longest .npy header (format 1.0: 10 + 65535 bytes; 2.0 allows more, which no writer of
+#: ordinary arrays produces): what is fetched to read an object's layout.
+NPY_HEAD_BYTES = 65_545
+_NPY_V2 = {
+    "b": "BOOL",
+    "u1": "UINT8",
+    "u2": "UINT16",
+    "u4": "UINT32",
+    "u8": "UINT64",
+    "i1": "INT8",
+    "i2": "INT16",
+    "i4": "INT32",
+    "i8": "INT64",
+    "f2": "FP16",
+    "f4": "FP32",
+    "f8": "FP64",
+}
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """Where the rows of a C-ordered .npy array are: row ``r`` is bytes
+    ``[header + r * row_bytes, header + (r + 1) * row_bytes)`` of the object."""
+
+    header: int
+    dtype: Any  # numpy dtype as stored (byte order included)
+    datatype: str  # KServe v2
+    row_shape: tuple[int, ...]
+    rows: int
+
+    @property
+    def row_bytes(self) -> int:
+        size = int(self.dtype.itemsize)
+        for d in self.row_shape:
+            size *= d
+        return size
+
+
+def npy_layout(head: bytes) -> NpyLayout:
+    """The layout of an .npy object from its first bytes (:data:`NPY_HEAD_BYTES` or all of it).
+    Raises :class:`RecordError` for what is not a C-ordered array of numbers."""
+    import io
+
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(head)
+    try:
+        version = npy.read_magic(f)  # type: ignore[no-untyped-call]
+        reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = reader(f)  # type: ignore[no-untyped-call]
+    except (ValueError, EOFError) as exc:
+        raise RecordError(f"not an .npy array: {exc}") from None
+    datatype = _NPY_V2.get(f"{dtype.kind}{dtype.itemsize}" if dtype.kind != "b" else "b")
+    if datatype is None or dtype.fields is not None:
+        raise RecordError(f"an .npy array of {dtype} cannot be model input (numbers or booleans only)")
+    if fortran:
+        raise RecordError("a Fortran-ordered .npy array: write it C-ordered (numpy.ascontiguousarray)")
+    if not shape:
+        raise RecordError("a 0-d .npy array holds no rows")
+    return NpyLayout(f.tell(), dtype, datatype, tuple(int(d) for d in shape[1:]), int(shape[0]))
+
+
+def npy_fits(layout: NpyLayout, spec: api.TensorSpec) -> tuple[int, ...]:
+    """The row shape as the model input ``spec`` takes it; raises :class:`RecordError` if it does not."""
+    want = V2_TYPE[spec.data_type]
+    if layout.datatype != want:
+        raise RecordError(f"input {spec.name}: an array of {layout.datatype}, the model takes {want}")
+    return _fitted(spec, list(layout.row_shape) or [1])
+
+
+def npy_records(data: bytes, layout: NpyLayout, spec: api.TensorSpec) -> list[dict[str, Tensor]]:
+    """Whole rows (``data``) as records of the one input ``spec``, in native byte order."""
+    import numpy as np
+
+    shape = npy_fits(layout, spec)
+    rows = np.frombuffer(data, dtype=layout.dtype).astype(layout.dtype.newbyteorder("="), copy=False)
+    rows = rows.reshape(-1, max(1, layout.row_bytes // layout.dtype.itemsize))
+    return [{spec.name: Tensor(spec.name, layout.datatype, shape, row)} for row in rows]

@@ -55,7 +55,7 @@ _CONFIG_TYPE = {v: k for k, v in records.V2_TYPE.items()}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="s3://bucket/prefix of the records")
     p.add_argument("--output", required=True, help="s3://bucket/prefix for results, errors, markers")
-    p.add_argument("--format", default="jsonl", choices=["jsonl"])
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "npy"])
     p.add_argument("--shard-bytes", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--index", type=int, default=None, help="default: $JOB_COMPLETION_INDEX")
@@ -203,6 +203,7 @@ async def run(
     retries: int,
     max_failed: str = "0",
     report: Report | None = None,
+    fmt: str = "jsonl",
 ) -> list[worker.ShardOutcome]:
     """Every shard of this worker, each tried up to ``retries`` more times. Raises :class:`Stop`
     when the job cannot succeed (checked before the first shard, and after each shard with failed
@@ -213,7 +214,10 @@ async def run(
         raise Stop("InputEmpty", "no records: the input location holds no objects, or only empty ones")
     await _check_writable(sink, index)
     await triton.load_signature()
-    await _check_schema(source, plan[0], triton.inputs)
+    if fmt == "npy":
+        await _check_npy(source, plan[0], triton.inputs)
+    else:
+        await _check_schema(source, plan[0], triton.inputs)
     mine = shards.assigned(plan, index, workers)
     report.plan, report.assigned = len(plan), len(mine)
     out = []
@@ -228,6 +232,7 @@ async def run(
                     infer=triton.infer,
                     batch_size=batch_size if triton.max_batch <= 0 else min(batch_size, triton.max_batch),
                     concurrency=concurrency,
+                    fmt=fmt,
                 )
             except Exception as exc:
                 if attempt == retries:
@@ -295,6 +300,18 @@ async def _check_schema(source: Any, first: shards.Shard, inputs: list[api.Tenso
             "SchemaMismatch",
             f"none of the first {len(errors)} records fits the model's inputs [{wanted}]: {errors[0]}",
         )
+
+
+async def _check_npy(source: Any, first: shards.Shard, inputs: list[api.TensorSpec]) -> None:
+    """The first .npy object against the model: one input, of the array's type and row shape."""
+    try:
+        if len(inputs) != 1:
+            raise records.RecordError(
+                f".npy input needs a model with one input; this one takes {len(inputs)}"
+            )
+        records.npy_fits(await worker.npy_layout(source, first.key), inputs[0])
+    except records.RecordError as exc:
+        raise Stop("SchemaMismatch", f"{first.key}: {exc}") from None
 
 
 async def _finish(sink: Any, plan: list[shards.Shard], max_failed: str, report: Report) -> None:
@@ -416,6 +433,7 @@ def main(args: argparse.Namespace) -> int:
             retries=args.retries,
             max_failed=args.max_failed,
             report=report,
+            fmt=args.format,
         )
 
     t0 = time.monotonic()

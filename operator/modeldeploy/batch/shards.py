@@ -100,6 +100,18 @@ def lines(shard: Shard, data: bytes, data_start: int, object_size: int) -> Itera
         pos = nl + 1
 
 
+def npy_rows(shard: Shard, header: int, row_bytes: int, rows: int) -> tuple[int, int]:
+    """The rows ``[first, end)`` of an .npy object whose first byte lies inside ``shard`` (rows are
+    split by byte ranges like lines: each belongs to exactly one shard, whatever the shard size)."""
+    if row_bytes <= 0:
+        return 0, 0
+
+    def first_at_or_after(byte: int) -> int:
+        return min(rows, max(0, -(-(byte - header) // row_bytes)))
+
+    return first_at_or_after(shard.start), first_at_or_after(shard.end)
+
+
 def results_key(prefix: str, shard: Shard) -> str:
     return _join(prefix, RESULTS_DIR, f"part-{shard.index:05d}.jsonl")
 

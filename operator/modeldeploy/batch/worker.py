@@ -59,6 +59,7 @@ async def run_shard(
     batch_size: int,
     concurrency: int,
     out_prefix: str = "",
+    fmt: str = "jsonl",
 ) -> ShardOutcome:
     """Score one shard from ``source`` (an obstore store holding the input objects) into ``sink``
     (one rooted at the output location), unless it is done already."""
@@ -66,23 +67,11 @@ async def run_shard(
     if await _exists(sink, marker):
         counts = json.loads(bytes(await (await obstore.get_async(sink, marker)).bytes_async()))
         return ShardOutcome(shard.index, counts["records"], counts["failed"], skipped=True)
-    size = (await obstore.head_async(source, shard.key))["size"]
-    begin, end = shards.read_range(shard, size)
-    data = (
-        bytes(await obstore.get_range_async(source, shard.key, start=begin, end=end)) if end > begin else b""
-    )
-
-    parsed: list[tuple[int, dict[str, records.Tensor]]] = []
-    errors: list[dict[str, Any]] = []
-    for offset, line in shards.lines(shard, data, begin, size):
-        if line is None:
-            errors.append(_error(shard, offset, f"record longer than {shards.MAX_RECORD_BYTES} bytes"))
-            continue
-        try:
-            parsed.append((offset, records.parse(line, inputs)))
-        except records.RecordError as exc:
-            errors.append(_error(shard, offset, str(exc)))
-
+    rows: Callable[[int], int] | None = None  # .npy: the row of a byte offset, for the results
+    if fmt == "npy":
+        parsed, errors, rows = await _read_npy(shard, source, inputs)
+    else:
+        parsed, errors = await _read_jsonl(shard, source, inputs)
     results: dict[int, dict[str, Any]] = {}
     gate = asyncio.Semaphore(concurrency)
 
@@ -101,6 +90,8 @@ async def run_shard(
             raise RuntimeError(f"{len(batch)} records sent, {len(outputs)} answers")
         for (offset, _), out in zip(batch, outputs, strict=True):
             results[offset] = {"key": shard.key, "offset": offset, "outputs": out}
+            if rows is not None:
+                results[offset]["row"] = rows(offset)
 
     await asyncio.gather(*(score(parsed[i : i + batch_size]) for i in range(0, len(parsed), batch_size)))
 
@@ -130,6 +121,69 @@ async def done_counts(sink: Any, shards_in_plan: int, out_prefix: str = "") -> d
 
     counts = await asyncio.gather(*(read(k) for k in keys))
     return {int(c["shard"]): c for c in counts if 0 <= int(c["shard"]) < shards_in_plan}
+
+
+Parsed = list[tuple[int, dict[str, records.Tensor]]]
+
+
+async def _read_jsonl(
+    shard: shards.Shard, source: Any, inputs: list[api.TensorSpec]
+) -> tuple[Parsed, list[dict[str, Any]]]:
+    """The shard's lines, each parsed as a record (or an error at its byte offset)."""
+    size = (await obstore.head_async(source, shard.key))["size"]
+    begin, end = shards.read_range(shard, size)
+    data = (
+        bytes(await obstore.get_range_async(source, shard.key, start=begin, end=end)) if end > begin else b""
+    )
+    parsed: Parsed = []
+    errors: list[dict[str, Any]] = []
+    for offset, line in shards.lines(shard, data, begin, size):
+        if line is None:
+            errors.append(_error(shard, offset, f"record longer than {shards.MAX_RECORD_BYTES} bytes"))
+            continue
+        try:
+            parsed.append((offset, records.parse(line, inputs)))
+        except records.RecordError as exc:
+            errors.append(_error(shard, offset, str(exc)))
+    return parsed, errors
+
+
+async def npy_layout(source: Any, key: str) -> records.NpyLayout:
+    size = (await obstore.head_async(source, key))["size"]
+    head = await obstore.get_range_async(source, key, start=0, end=min(size, records.NPY_HEAD_BYTES))
+    layout = records.npy_layout(bytes(head))
+    if layout.header + layout.rows * layout.row_bytes > size:
+        raise records.RecordError(f"the .npy object is cut short: {size} bytes for {layout.rows} rows")
+    return layout
+
+
+async def _read_npy(
+    shard: shards.Shard, source: Any, inputs: list[api.TensorSpec]
+) -> tuple[Parsed, list[dict[str, Any]], Callable[[int], int]]:
+    """The shard's rows of an .npy object as records of the model's one input. An object that is not
+    a fitting array is one error (at the shard's start): its rows cannot be told apart."""
+    try:
+        layout = await npy_layout(source, shard.key)
+        if len(inputs) != 1:
+            raise records.RecordError(
+                f".npy input needs a model with one input, this one takes {len(inputs)}"
+            )
+        records.npy_fits(layout, inputs[0])
+    except records.RecordError as exc:
+        return [], [_error(shard, shard.start, str(exc))], lambda offset: 0
+    first, end = shards.npy_rows(shard, layout.header, layout.row_bytes, layout.rows)
+
+    def offset_of(row: int) -> int:
+        return layout.header + row * layout.row_bytes
+
+    data = b""
+    if end > first:
+        data = bytes(
+            await obstore.get_range_async(source, shard.key, start=offset_of(first), end=offset_of(end))
+        )
+    rows = records.npy_records(data, layout, inputs[0])
+    parsed = [(offset_of(first + i), r) for i, r in enumerate(rows)]
+    return parsed, [], lambda offset: (offset - layout.header) // layout.row_bytes
 
 
 def _error(shard: shards.Shard, offset: int, reason: str) -> dict[str, Any]:
