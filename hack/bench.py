@@ -666,7 +666,7 @@ def main() -> int:
         "--no-floor", action="store_true", help="skip the burst floor (plain client, no operator)"
     )
     ap.add_argument(
-        "--batch", type=int, default=10_000, help="records for the batch inference figure (0: skip it)"
+        "--batch", type=int, default=50_000, help="records for the batch inference figure (0: skip it)"
     )
     ap.add_argument("--json", type=Path, help="also write every figure (and the detail behind them) here")
     args = ap.parse_args()

@@ -45,6 +45,8 @@ EXIT_TOO_MANY_FAILED = 3
 SCHEMA_SAMPLE_RECORDS = 16
 SCHEMA_SAMPLE_BYTES = 256 * 1024
 TERMINATION_LOG = "/dev/termination-log"
+#: Shards a worker has under way at once (the next one read and parsed while this one is answered).
+SHARDS_AHEAD = 2
 #: Where a running worker serves its report so far (the operator reads it for status.progress).
 PROGRESS_PORT = 8090
 
@@ -135,7 +137,8 @@ class Triton:
 
         if self.max_batch <= 0 and len(batch) > 1:
             return [out for r in batch for out in await self.infer([r])]
-        if len({tuple(t.shape for t in r.values()) for r in batch}) > 1:  # variable dims differ
+        variable = any(-1 in spec.dims for spec in self.inputs)  # else every record has the dims
+        if variable and len({tuple(t.shape for t in r.values()) for r in batch}) > 1:
             return [out for r in batch for out in await self.infer([r])]
         request = []
         for spec in self.inputs:
@@ -154,16 +157,21 @@ class Triton:
             if str(exc.status()) == "400":
                 raise worker.Rejected(exc.message()) from None
             raise
-        arrays = {name: result.as_numpy(name) for name in self.outputs}
-        types = {name: result.get_output(name)["datatype"] for name in self.outputs}
-        per_record = []
-        for i in range(len(batch)):
-            out = {}
-            for name, arr in arrays.items():
-                value = arr[i] if self.max_batch > 0 else arr
-                out[name] = {"datatype": types[name], "shape": list(value.shape), "data": _plain(value)}
-            per_record.append(out)
-        return per_record
+        columns = []
+        for name in self.outputs:
+            arr = result.as_numpy(name)
+            if self.max_batch <= 0:
+                arr = arr[None]  # one record
+            shape = list(arr.shape[1:])
+            datatype = result.get_output(name)["datatype"]
+            # one conversion per output and batch (not per record): rows of Python values, flat
+            rows = arr.reshape(len(arr), -1)
+            data = rows.tolist() if rows.dtype.kind != "O" else [_plain(r) for r in rows]
+            columns.append((name, datatype, shape, data))
+        return [
+            {name: {"datatype": t, "shape": shape, "data": data[i]} for name, t, shape, data in columns}
+            for i in range(len(batch))
+        ]
 
     async def close(self) -> None:
         await self.client.close()
@@ -220,34 +228,40 @@ async def run(
         await _check_schema(source, plan[0], triton.inputs)
     mine = shards.assigned(plan, index, workers)
     report.plan, report.assigned = len(plan), len(mine)
-    out = []
-    for shard in mine:
-        for attempt in range(retries + 1):
-            try:
-                outcome = await worker.run_shard(
-                    shard,
-                    source=source,
-                    sink=sink,
-                    inputs=triton.inputs,
-                    infer=triton.infer,
-                    batch_size=batch_size if triton.max_batch <= 0 else min(batch_size, triton.max_batch),
-                    concurrency=concurrency,
-                    fmt=fmt,
-                )
-            except Exception as exc:
-                if attempt == retries:
-                    raise
-                print(f"shard {shard.index}: try {attempt + 1} failed ({exc}); trying again", flush=True)
-                await asyncio.sleep(min(30.0, 2.0**attempt))
-            else:
-                out.append(outcome)
-                break
+    out: list[worker.ShardOutcome] = []
+    # Requests in flight are bounded across shards; the next shard is read and parsed while the
+    # current one's last requests are answered (Triton and the worker each keep a core busy).
+    gate, ahead = asyncio.Semaphore(concurrency), asyncio.Semaphore(SHARDS_AHEAD)
+
+    async def one(shard: shards.Shard) -> None:
+        async with ahead:
+            for attempt in range(retries + 1):
+                try:
+                    outcome = await worker.run_shard(
+                        shard,
+                        source=source,
+                        sink=sink,
+                        inputs=triton.inputs,
+                        infer=triton.infer,
+                        batch_size=batch_size if triton.max_batch <= 0 else min(batch_size, triton.max_batch),
+                        concurrency=concurrency,
+                        gate=gate,
+                        fmt=fmt,
+                    )
+                except Exception as exc:
+                    if attempt == retries:
+                        raise
+                    print(f"shard {shard.index}: try {attempt + 1} failed ({exc}); trying again", flush=True)
+                    await asyncio.sleep(min(30.0, 2.0**attempt))
+                else:
+                    break
+        out.append(outcome)
         report.shards, report.records, report.failed = (
             len(out),
             sum(o.records for o in out),
             sum(o.failed for o in out),
         )
-        if out[-1].failed and not max_failed.endswith("%"):
+        if outcome.failed and not max_failed.endswith("%"):
             done = await worker.done_counts(sink, len(plan))
             failed = sum(c["failed"] for c in done.values())
             if failed > int(max_failed):
@@ -257,6 +271,9 @@ async def run(
                     "see the errors files",
                     EXIT_TOO_MANY_FAILED,
                 )
+
+    await asyncio.gather(*(one(shard) for shard in mine))
+    out.sort(key=lambda o: o.index)
     await _finish(sink, plan, max_failed, report)
     return out
 

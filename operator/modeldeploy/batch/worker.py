@@ -60,6 +60,7 @@ async def run_shard(
     concurrency: int,
     out_prefix: str = "",
     fmt: str = "jsonl",
+    gate: asyncio.Semaphore | None = None,
 ) -> ShardOutcome:
     """Score one shard from ``source`` (an obstore store holding the input objects) into ``sink``
     (one rooted at the output location), unless it is done already."""
@@ -73,7 +74,7 @@ async def run_shard(
     else:
         parsed, errors = await _read_jsonl(shard, source, inputs)
     results: dict[int, dict[str, Any]] = {}
-    gate = asyncio.Semaphore(concurrency)
+    gate = gate or asyncio.Semaphore(concurrency)  # shared by the shards under way at once
 
     async def score(batch: list[tuple[int, dict[str, records.Tensor]]]) -> None:
         try:
@@ -135,9 +136,14 @@ async def _read_jsonl(
     data = (
         bytes(await obstore.get_range_async(source, shard.key, start=begin, end=end)) if end > begin else b""
     )
+    found = list(shards.lines(shard, data, begin, size))
+    if all(line is not None for _, line in found):
+        many = records.parse_many([line for _, line in found if line is not None], inputs)
+        if many is not None:
+            return [(offset, r) for (offset, _), r in zip(found, many, strict=True)], []
     parsed: Parsed = []
     errors: list[dict[str, Any]] = []
-    for offset, line in shards.lines(shard, data, begin, size):
+    for offset, line in found:
         if line is None:
             errors.append(_error(shard, offset, f"record longer than {shards.MAX_RECORD_BYTES} bytes"))
             continue
