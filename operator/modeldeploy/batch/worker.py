@@ -33,6 +33,11 @@ Infer = Callable[[list[dict[str, records.Tensor]]], Awaitable[list[dict[str, Any
 DONE_DIR = "done"
 
 
+class EncodedOutputs(str):
+    """A record's outputs already encoded as a JSON object (``infer`` may answer with these): written
+    into its result line as they are."""
+
+
 class Rejected(Exception):
     """The inference server refused the request's data (not a failure of the server)."""
 
@@ -99,7 +104,9 @@ async def run_shard(
     errors.sort(key=lambda e: int(e["offset"]))
     await obstore.put_async(sink, shards.errors_key(out_prefix, shard), _jsonl(errors))
     await obstore.put_async(
-        sink, shards.results_key(out_prefix, shard), _jsonl([results[o] for o in sorted(results)])
+        sink,
+        shards.results_key(out_prefix, shard),
+        b"".join(_result_line(results[o]) for o in sorted(results)),
     )
     counts = {"shard": shard.index, "key": shard.key, "records": len(results), "failed": len(errors)}
     await obstore.put_async(sink, marker, json.dumps(counts).encode())
@@ -194,6 +201,14 @@ async def _read_npy(
 
 def _error(shard: shards.Shard, offset: int, reason: str) -> dict[str, Any]:
     return {"key": shard.key, "offset": offset, "reason": reason}
+
+
+def _result_line(r: dict[str, Any]) -> bytes:
+    out = r["outputs"]
+    if not isinstance(out, EncodedOutputs):
+        return json.dumps(r, separators=(",", ":")).encode() + b"\n"
+    row = f',"row":{r["row"]}' if "row" in r else ""
+    return f'{{"key":{json.dumps(r["key"])},"offset":{r["offset"]},"outputs":{out}{row}}}\n'.encode()
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
