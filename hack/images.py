@@ -17,9 +17,10 @@ Three images, each from Debian packages and PyPI wheels only, written as OCI ima
   ``WORKDIR /tmp``. The operator's container command (``tritonserver --model-repository=...``)
   runs unchanged, with a read-only root filesystem.
 * ``operator``: what the project's ``Dockerfile`` builds (the same venv ``/opt/modeldeploy`` with
-  ``pip install .``, entry points, environment, user and working directory; a tools-tier test parses
+  ``pip install '.[worker]'``, entry points, environment, user and working directory; a tools-tier test parses
   the Dockerfile and fails on drift), on Debian bookworm essential + ``python3``,
-  ``python3-venv``, ``ca-certificates``, ``libstdc++6`` (the batch worker's compiled libraries). pip inside the new root cannot reach PyPI (TLS is
+  ``python3-venv``, ``ca-certificates``, ``libstdc++6`` (for the batch worker's compiled
+  libraries). pip inside the new root cannot reach PyPI (TLS is
   intercepted here and the host's CA bundle is not in the root), so the wheelhouse is built on
   the host (``pip wheel . -c <pins>``) and installed offline (``--no-index --find-links``). The
   pins are the versions installed in the running venv (the project's runtime requirements and
