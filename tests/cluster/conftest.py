@@ -84,7 +84,7 @@ def model_deployment(name: str, *, version: int = 1, replicas: int | None = 2, *
 class CustomObject:
     """Read helpers for one object of ours (``plural`` says which kind)."""
 
-    plural = PLURAL
+    plural, kind = PLURAL, "ModelDeployment"
 
     def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
         self.cluster, self.namespace, self.name = cluster, namespace, name
@@ -100,6 +100,14 @@ class CustomObject:
 
     def condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.status().get("conditions") or [] if c["type"] == type_), None)
+
+    def events(self) -> list[Any]:
+        """Events about this object (any kind of ours of this name)."""
+        return [
+            e
+            for e in self.cluster.core.list_namespaced_event(self.namespace).items
+            if e.involved_object.name == self.name and e.involved_object.kind == self.kind
+        ]
 
 
 class MD(CustomObject):
@@ -137,13 +145,6 @@ class MD(CustomObject):
             p
             for p in self.cluster.core.list_namespaced_pod(self.namespace, label_selector=sel).items
             if p.metadata.deletion_timestamp is None
-        ]
-
-    def events(self) -> list[Any]:
-        return [
-            e
-            for e in self.cluster.core.list_namespaced_event(self.namespace).items
-            if e.involved_object.name == self.name and e.involved_object.kind == "ModelDeployment"
         ]
 
 

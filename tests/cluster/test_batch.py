@@ -49,7 +49,7 @@ def reporting(report: dict[str, Any], *, labels: dict[str, str] | None = None, *
 
 
 class BI(CustomObject):
-    plural = PLURAL
+    plural, kind = PLURAL, "BatchInference"
 
     def wait(self, check: Any, what: str, timeout: float = 60) -> dict[str, Any]:
         def once() -> dict[str, Any] | None:
@@ -64,12 +64,16 @@ class BI(CustomObject):
         ).items
         return jobs[0] if jobs else None
 
-    def events(self) -> list[tuple[str, str]]:
-        return [
-            (e.type, e.reason)
-            for e in self.cluster.core.list_namespaced_event(self.namespace).items
-            if e.involved_object.name == self.name and e.involved_object.kind == "BatchInference"
-        ]
+    def reasons(self) -> list[tuple[str, str]]:
+        return [(e.type, e.reason) for e in self.events()]
+
+    def wait_event(self, type_: str, reason: str) -> None:
+        """Events are posted after the status write they tell of, in the background."""
+        wait_for(
+            lambda: (type_, reason) in self.reasons(),
+            30,
+            message=lambda: f"{type_} {reason} in {self.reasons()}",
+        )
 
 
 @pytest.fixture
@@ -106,7 +110,7 @@ def test_a_batch_runs_as_an_indexed_job_and_succeeds_with_the_workers_counts(
     )
     assert [c.name for c in pod.init_containers] == ["stage-model", "triton"]
     assert pod.init_containers[1].restart_policy == "Always"
-    assert ("Normal", "Succeeded") in bi.events()
+    bi.wait_event("Normal", "Succeeded")
 
     # the printer columns
     table = cluster.kubectl("get", "bi", "score", "-n", md_ns).stdout.split()
@@ -128,7 +132,7 @@ def test_a_worker_that_stops_the_job_fails_it_with_its_reason(
     failed = bi.condition("Failed") or {}
     assert (failed["status"], failed["reason"]) == ("True", "TooManyFailedRecords"), st
     assert "more than maxFailedRecords 40" in st["message"]
-    assert ("Warning", "TooManyFailedRecords") in bi.events()
+    bi.wait_event("Warning", "TooManyFailedRecords")
     # the pod failure policy failed the Job at the first such exit: no pod was started again
     job = bi.job()
     assert any(c.type == "Failed" and c.reason == "PodFailurePolicy" for c in job.status.conditions or [])
@@ -148,7 +152,7 @@ def test_a_missing_model_deployment_or_secret_waits_with_the_reason_and_creates_
         lambda s: (secret.condition("Complete") or {}).get("reason") == "CredentialsSecretNotFound", "wait"
     )
     assert "spec.input.credentialsSecret" in st["message"] and "'nope'" in st["message"]
-    assert ("Warning", "CredentialsSecretNotFound") in secret.events()
+    secret.wait_event("Warning", "CredentialsSecretNotFound")
     hold_for(lambda: bi.job() is None and secret.job() is None, 3, message="no Job while waiting")
 
     # the ModelDeployment appears and serves: the job scores with its stable revision's model version

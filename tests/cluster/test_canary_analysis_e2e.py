@@ -398,8 +398,13 @@ def test_canary_analysis_promotes_healthy_and_rolls_back_failing(
         by_rev = {r["revision"]: r for r in st["history"]}
         assert by_rev[2]["hash"] == hashes[2] and by_rev[2]["outcome"] == "Serving", by_rev
         assert by_rev[1]["outcome"] == "Superseded", by_rev
-        promoted = [e for e in md.events() if e.reason == "Promoted" and "revision 2 promoted" in e.message]
-        assert promoted and promoted[0].type == "Normal"
+        # Events are posted after the status write they tell of (in the background): wait for it
+        promoted = wait_for(
+            lambda: [e for e in md.events() if e.reason == "Promoted" and "revision 2 promoted" in e.message],
+            30,
+            message="a Promoted Event",
+        )
+        assert promoted[0].type == "Normal"
         wait_for(
             lambda: {p.metadata.labels["modeldeploy.io/revision"] for p in md.pods()} == {hashes[2]},
             60,

@@ -94,7 +94,8 @@ def test_create_makes_children_and_becomes_ready(cluster: Cluster, md_factory: A
     out = cluster.kubectl("get", "md", "-n", md.namespace).stdout.splitlines()
     assert out[0].split()[:6] == ["NAME", "READY", "VERSION", "STRATEGY", "PHASE", "WEIGHT"]
     assert out[1].split()[:6] == ["resnet", "2/2", "1", "Canary", "Ready", "0"]
-    assert any(e.reason == "Promoted" for e in md.events())
+    # Events are posted after the status write they tell of (in the background): wait for it
+    wait_for(lambda: any(e.reason == "Promoted" for e in md.events()), 30, message="a Promoted Event")
 
 
 def test_updates_reach_children(cluster: Cluster, md_factory: Any) -> None:

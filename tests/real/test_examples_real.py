@@ -41,6 +41,7 @@ NOT_SERVABLE = {
     "gpu.yaml": "tensorrt",  # and an nvidia.com/gpu
     "quickstart.yaml": "onnxruntime",
     "rolling.yaml": "pytorch",
+    "batch-inference.yaml": "onnxruntime",  # scores with quickstart.yaml's model
 }
 SERVABLE = {"python-backend.yaml"}
 

@@ -57,9 +57,9 @@ def direct(server: Any, x: np.ndarray) -> list[float]:
         client.close()
 
 
-def test_worker_scores_every_record_once_like_the_model_itself(
-    triton_server: Any, model_repo: Path, write_model: Any, tmp_path: Path
-) -> None:
+def scaler(triton_server: Any, model_repo: Path, write_model: Any, tmp_path: Path) -> Any:
+    """A tritonserver serving ``scaler`` (Y = 3 X, X and Y FP32 [4], batches up to 16); empty
+    ``in/`` and ``out/`` under ``tmp_path``."""
     spec = api.ModelSpec.model_validate(
         {
             "format": "python",
@@ -73,9 +73,15 @@ def test_worker_scores_every_record_once_like_the_model_itself(
         }
     )
     write_model("scaler", render_config_pbtxt("scaler", spec), {1: scaler_py(3)})
-    server = triton_server(model_repo)
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
+    return triton_server(model_repo)
+
+
+def test_worker_scores_every_record_once_like_the_model_itself(
+    triton_server: Any, model_repo: Path, write_model: Any, tmp_path: Path
+) -> None:
+    server = scaler(triton_server, model_repo, write_model, tmp_path)
     xs, bad = write_records(tmp_path / "in")
     source, sink = LocalStore(str(tmp_path / "in")), LocalStore(str(tmp_path / "out"))
 
@@ -135,22 +141,7 @@ def test_worker_scores_npy_rows_like_the_model_itself(
     triton_server: Any, model_repo: Path, write_model: Any, tmp_path: Path
 ) -> None:
     """The .npy format: every row of each array one record, answered as the model answers it alone."""
-    spec = api.ModelSpec.model_validate(
-        {
-            "format": "python",
-            "storageUri": "pvc://models/repository",
-            "version": 1,
-            "config": {
-                "maxBatchSize": 16,
-                "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [4]}],
-                "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [4]}],
-            },
-        }
-    )
-    write_model("scaler", render_config_pbtxt("scaler", spec), {1: scaler_py(3)})
-    server = triton_server(model_repo)
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
+    server = scaler(triton_server, model_repo, write_model, tmp_path)
     rng = np.random.default_rng(3)
     arrays = [rng.normal(size=(n, 4)).astype(np.float32) for n in (700, 1, 299)]
     for i, a in enumerate(arrays):

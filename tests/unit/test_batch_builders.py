@@ -49,8 +49,9 @@ def test_an_indexed_job_of_one_completion_per_worker() -> None:
 
 def test_triton_is_a_native_sidecar_after_the_stager_and_gates_the_worker() -> None:
     pod = job(bi_spec())["spec"]["template"]["spec"]
-    stager, triton = pod["initContainers"]
+    preflight, stager, triton = pod["initContainers"]
     assert stager["name"] == "stage-model" and triton["name"] == "triton"
+    assert preflight["name"] == "preflight" and preflight["args"][:2] == ["batch-worker", "--check"]
     assert triton["restartPolicy"] == "Always"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/models/score/versions/3/ready"
     assert "lifecycle" not in triton  # no drain for pods no Service routes to
@@ -74,3 +75,41 @@ def test_batch_pods_never_carry_a_model_deployments_labels() -> None:
     assert labels[builders.LABEL_BATCH] == "score"
     assert api.LABEL_NAME not in labels
     assert labels["app.kubernetes.io/component"] == builders.COMPONENT_WORKER
+
+
+def test_a_preflight_checks_storage_and_records_before_the_model_is_staged() -> None:
+    spec = bi_spec(
+        model={
+            "inline": {
+                "model": {
+                    "format": "python",
+                    "storageUri": "s3://models/m",
+                    "version": 3,
+                    "config": {
+                        "maxBatchSize": 8,
+                        "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [4]}],
+                        "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [4]}],
+                    },
+                }
+            }
+        }
+    )
+    j = job(spec)
+    pod = j["spec"]["template"]["spec"]
+    preflight = pod["initContainers"][0]
+    [worker] = pod["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in preflight["args"][2:])
+    assert args["input"] == "s3://data/in/" and args["output"] == "s3://data/out/"
+    assert args["input-credentials-dir"] == f"{builders.WORKER_CREDENTIALS_DIR}/input"
+    assert args["inputs"] == '[{"name":"X","dataType":"TYPE_FP32","dims":[4]}]'
+    assert preflight["image"] == worker["image"] and preflight["volumeMounts"] == worker["volumeMounts"]
+    assert preflight["securityContext"] == md_builders.RESTRICTED_CONTAINER_SECURITY
+    assert "restartPolicy" not in preflight  # a plain init container: the pod waits for it
+    rules = j["spec"]["podFailurePolicy"]["rules"]
+    failing = {r["onExitCodes"]["containerName"] for r in rules if r["action"] == "FailJob"}
+    assert failing == {"preflight", "worker"}
+    # without a config in the spec the record check waits for Triton's (the worker does it)
+    assert not any(
+        a.startswith("--inputs=")
+        for a in job(bi_spec())["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    )

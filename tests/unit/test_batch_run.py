@@ -130,3 +130,29 @@ def test_a_share_of_failed_records_is_judged_on_the_whole_job() -> None:
     assert stop.value.reason == "TooManyFailedRecords"
     manifest = json.loads(bytes(obstore.get(sink, shards.MANIFEST).bytes()))
     assert manifest["succeeded"] is False and manifest["failed"] == 6
+
+
+def test_the_preflight_checks_without_a_model_server() -> None:
+    """``batch-worker --check`` (the pod's first init container): the same stops, with the model's
+    inputs from its config instead of from Triton."""
+    inputs = [api.TensorSpec(name="X", data_type="TYPE_INT32", dims=[2])]
+
+    def check(source: Any, sink: Any, given: list[api.TensorSpec] | None) -> list[shards.Shard]:
+        async def go() -> list[shards.Shard]:
+            return await run.preflight(
+                source=source, sink=sink, shard_bytes=100, index=0, inputs=given, fmt="jsonl"
+            )
+
+        return asyncio.run(go())
+
+    source, sink = stores(data_set(30, {}))
+    assert len(check(source, sink, inputs)) > 1
+    assert not list(obstore.list(sink).collect()), "the write check leaves nothing behind"
+    alien, _ = stores(b'{"Z": 1}\n' * 20)
+    with pytest.raises(run.Stop) as stop:
+        check(alien, sink, inputs)
+    assert stop.value.reason == "SchemaMismatch"
+    check(alien, sink, None)  # without the inputs, only storage is checked
+    with pytest.raises(run.Stop) as stop:
+        check(MemoryStore(), sink, inputs)
+    assert stop.value.reason == "InputEmpty"

@@ -162,3 +162,21 @@ def test_progress_is_read_from_pods_whose_worker_runs() -> None:
         podIP="10.0.0.8", containerStatuses=[{"name": "worker", "state": {"waiting": {}}}]
     )
     assert controller.running_workers([running, waiting, pod(2, {"shards": 1})]) == ["http://10.0.0.7:8090/"]
+
+
+def test_a_failed_preflight_is_the_jobs_reason() -> None:
+    p = pod(0, None)
+    message = json.dumps({"worker": 0, "reason": "OutputNotWritable", "message": "403 Forbidden"})
+    p["status"]["initContainerStatuses"] = [
+        {"name": "preflight", "state": {"terminated": {"exitCode": 2, "message": message}}}
+    ]
+    p["status"]["containerStatuses"] = [
+        {"name": "worker", "state": {"waiting": {"reason": "PodInitializing"}}}
+    ]
+    st = derive(job(("Failed", "PodFailurePolicy")), [p])
+    assert cond(st, "Failed").reason == "OutputNotWritable" and "403 Forbidden" in (st.message or "")
+    passed = pod(1, None)
+    passed["status"]["initContainerStatuses"] = [
+        {"name": "preflight", "state": {"terminated": {"exitCode": 0, "message": '{"worker": 1, "plan": 4}'}}}
+    ]
+    assert status.collect([passed]).by_index == {}  # a preflight that passed reports nothing

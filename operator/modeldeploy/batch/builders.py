@@ -10,6 +10,7 @@ containers.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .. import api
@@ -19,6 +20,7 @@ from . import api as bapi
 LABEL_BATCH = f"{api.GROUP}/batch"
 COMPONENT_WORKER = "batch-worker"
 WORKER_CONTAINER = "worker"
+PREFLIGHT_CONTAINER = "preflight"
 WORKER_CREDENTIALS_DIR = "/var/run/modeldeploy/data-credentials"
 
 
@@ -74,8 +76,11 @@ def build_job(
     # (the model version ready) has passed, and the pod completes when the worker exits.
     triton = {**triton, "restartPolicy": "Always"}
     triton.pop("lifecycle", None)  # no drain: nothing routes traffic to a batch pod
-    pod["initContainers"] = [*pod["initContainers"], triton]
-    pod["containers"] = [_worker(name, spec, model, worker_image, owner)]
+    worker = _worker(name, spec, model, worker_image, owner)
+    # First of all, before the model is staged and Triton started: the checks that need no model
+    # server (input, output, and the records against the model's inputs when the spec has its config).
+    pod["initContainers"] = [_preflight(worker, model), *pod["initContainers"], triton]
+    pod["containers"] = [worker]
     pod["restartPolicy"] = "Never"
     pod["terminationGracePeriodSeconds"] = md_builders.TRITON_SHUTDOWN_SECONDS
     pod["volumes"] = [*pod["volumes"], *_data_volumes(spec)]
@@ -96,14 +101,17 @@ def build_job(
         # not writable, too many failed records) says so by its exit code: no retry helps
         "podFailurePolicy": {
             "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": WORKER_CONTAINER,
-                        "operator": "In",
-                        "values": list(FAIL_JOB_EXIT_CODES),
-                    },
-                },
+                *(
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": container,
+                            "operator": "In",
+                            "values": list(FAIL_JOB_EXIT_CODES),
+                        },
+                    }
+                    for container in (PREFLIGHT_CONTAINER, WORKER_CONTAINER)
+                ),
                 # evicted or preempted (a node drained, a pod deleted): not the worker's failure
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
@@ -172,6 +180,24 @@ def _worker(
     if model.server.env:
         container["env"] = md_builders._env(model.server.env)
     return container
+
+
+def _preflight(worker: dict[str, Any], model: api.ModelDeploymentSpec) -> dict[str, Any]:
+    """The worker's image and storage arguments, run with ``--check``; small and quick."""
+    keep = ("--input", "--output", "--format", "--shard-bytes", "--workers", "--input-cred", "--output-cred")
+    args = ["batch-worker", "--check", *(a for a in worker["args"][1:] if a.startswith(keep))]
+    args.append("--progress-port=0")
+    args += ["--model=-", "--version=-"]  # required by the parser, unused by --check
+    config = model.model.config
+    if config is not None and config.inputs:
+        inputs = [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in config.inputs]
+        args.append(f"--inputs={json.dumps(inputs, separators=(',', ':'))}")
+    return {
+        **{k: v for k, v in worker.items() if k not in ("ports", "args", "resources", "env")},
+        "name": PREFLIGHT_CONTAINER,
+        "args": args,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+    }
 
 
 def _data_volumes(spec: bapi.BatchInferenceSpec) -> list[dict[str, Any]]:

@@ -72,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failed", default="0", help='failed records before the job fails: "100" or "0.5%%"')
     p.add_argument("--termination-log", type=Path, default=Path(TERMINATION_LOG))
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="preflight (an init container, before Triton starts): input, output and, with --inputs, "
+        "the first records against the model's inputs; nothing is scored",
+    )
+    p.add_argument("--inputs", default=None, help="the model's inputs (JSON list of TensorSpec), for --check")
+    p.add_argument(
         "--progress-port", type=int, default=PROGRESS_PORT, help="serve the report so far on GET / (0: off)"
     )
 
@@ -215,6 +222,20 @@ def input_objects(store: Any) -> Iterator[shards.InputObject]:
             yield shards.InputObject(meta["path"], int(meta["size"]))
 
 
+async def preflight(
+    *, source: Any, sink: Any, shard_bytes: int, index: int, inputs: list[api.TensorSpec] | None, fmt: str
+) -> list[shards.Shard]:
+    """What :func:`run` checks before any shard, without Triton (the model's inputs from its config
+    in the spec, when it has one): raises :class:`Stop`; returns the plan."""
+    plan = shards.plan(await _listing(source), shard_bytes)
+    if not plan:
+        raise Stop("InputEmpty", "no records: the input location holds no objects, or only empty ones")
+    await _check_writable(sink, index)
+    if inputs:
+        await (_check_npy if fmt == "npy" else _check_schema)(source, plan[0], inputs)
+    return plan
+
+
 async def run(
     *,
     source: Any,
@@ -234,15 +255,11 @@ async def run(
     when the job cannot succeed (checked before the first shard, and after each shard with failed
     records against ``max_failed``)."""
     report = report if report is not None else Report(index)
-    plan = shards.plan(await _listing(source), shard_bytes)
-    if not plan:
-        raise Stop("InputEmpty", "no records: the input location holds no objects, or only empty ones")
-    await _check_writable(sink, index)
-    await triton.load_signature()
-    if fmt == "npy":
-        await _check_npy(source, plan[0], triton.inputs)
-    else:
-        await _check_schema(source, plan[0], triton.inputs)
+    plan = await preflight(
+        source=source, sink=sink, shard_bytes=shard_bytes, index=index, inputs=None, fmt=fmt
+    )
+    await triton.load_signature()  # the inputs of the model as loaded: what the records must fit
+    await (_check_npy if fmt == "npy" else _check_schema)(source, plan[0], triton.inputs)
     mine = shards.assigned(plan, index, workers)
     report.plan, report.assigned = len(plan), len(mine)
     out: list[worker.ShardOutcome] = []
@@ -443,6 +460,30 @@ def main(args: argparse.Namespace) -> int:
     except staging.StageError as exc:
         report.reason, report.message = "StorageUnusable", scrub(str(exc))
         return finish(EXIT_INVALID)
+
+    if args.check:
+        inputs = None
+        if args.inputs:
+            inputs = [api.TensorSpec.model_validate(t) for t in json.loads(args.inputs)]
+
+        async def check() -> None:
+            report.plan = len(
+                await preflight(
+                    source=source,
+                    sink=sink,
+                    shard_bytes=args.shard_bytes,
+                    index=index,
+                    inputs=inputs,
+                    fmt=args.format,
+                )
+            )
+
+        try:
+            asyncio.run(check())
+        except Stop as exc:
+            report.reason, report.message = exc.reason, scrub(str(exc))
+            return finish(exc.code)
+        return finish(0)
 
     async def go() -> list[worker.ShardOutcome]:
         server = await serve_progress(report, args.progress_port) if args.progress_port else None

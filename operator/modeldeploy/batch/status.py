@@ -21,7 +21,7 @@ from ..modeldeployment.status import set_condition
 from ..timeutil import parse_rfc3339, rfc3339
 from . import api as bapi
 from . import shards
-from .builders import WORKER_CONTAINER
+from .builders import PREFLIGHT_CONTAINER, WORKER_CONTAINER
 
 COMPLETE, FAILED = "Complete", "Failed"
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
@@ -37,10 +37,15 @@ class Reports:
 
 
 def worker_report(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """The worker container's termination message as a report, if it ended and wrote one."""
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") != WORKER_CONTAINER:
-            continue
+    """The worker container's termination message as a report, if it ended and wrote one; or the
+    preflight init container's, if it failed (its success says nothing the worker will not)."""
+    st = pod.get("status") or {}
+    statuses = [
+        *(cs for cs in st.get("initContainerStatuses") or [] if cs.get("name") == PREFLIGHT_CONTAINER
+          and ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")),
+        *(cs for cs in st.get("containerStatuses") or [] if cs.get("name") == WORKER_CONTAINER),
+    ]  # fmt: skip
+    for cs in statuses:
         term = (cs.get("state") or {}).get("terminated") or {}
         text = (term.get("message") or "").strip()
         if not text:
