@@ -108,8 +108,8 @@ def test_a_batch_runs_as_an_indexed_job_and_succeeds_with_the_workers_counts(
     assert (
         "--concurrency=8" in worker.args and "--batch-size=16" in worker.args and "--workers=2" in worker.args
     )
-    assert [c.name for c in pod.init_containers] == ["stage-model", "triton"]
-    assert pod.init_containers[1].restart_policy == "Always"
+    assert [c.name for c in pod.init_containers] == ["preflight", "stage-model", "triton"]
+    assert pod.init_containers[2].restart_policy == "Always"
     bi.wait_event("Normal", "Succeeded")
 
     # the printer columns

@@ -280,3 +280,9 @@ def test_npy_arrays_are_scored_and_bad_jobs_fail_with_their_reason(
     assert alien["phase"] == "Failed" and reason == "SchemaMismatch", alien
     assert "X (TYPE_FP32, dims [4])" in alien["message"]
     assert not list(obstore.list(store(server, key, "alien/out")).collect()), "nothing scored or written"
+    # stopped by the preflight (the spec carries the model's config): no model staged, no Triton started
+    [pod] = cluster.core.list_namespaced_pod(ns, label_selector="modeldeploy.io/batch=alien").items
+    states = {c.name: c.state for c in pod.status.init_container_statuses or []}
+    assert states["preflight"].terminated and states["preflight"].terminated.exit_code == 2, states
+    assert not states["stage-model"].running and not states["stage-model"].terminated, states
+    assert not states["triton"].running and not states["triton"].terminated, states
