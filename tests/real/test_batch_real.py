@@ -207,8 +207,11 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     again = cluster.core.list_namespaced_pod(
         ns, label_selector="modeldeploy.io/batch=score,batch.kubernetes.io/job-completion-index=0"
     ).items
-    assert [p.status.phase for p in again if p.metadata.name != victim.metadata.name] == ["Succeeded"], (
-        "index 0 was started again and finished"
+    # index 0 started again and finished; a retried pod may itself fail and be retried (the Job allows
+    # backoffLimitPerIndex tries) as long as the output below is complete and duplicate-free
+    retries = [(p.metadata.name, p.status.phase) for p in again if p.metadata.name != victim.metadata.name]
+    assert any(phase == "Succeeded" for _, phase in retries), (
+        f"index 0 finished: {retries}; {describe(cluster, ns)}"
     )
 
     manifest = json.loads(bytes(obstore.get(out, "_manifest.json").bytes()))
@@ -236,7 +239,8 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     assert st["manifest"] == "s3://data/score/out/_manifest.json"
     figure(
         "batch: 10,000 records, 2 pods, a worker pod and the operator killed",
-        f"{len(results)} results, {len(errors)} errors, {manifest['shards']} shards, {elapsed:.0f}s "
+        f"{len(results)} results, {len(errors)} errors, {manifest['shards']} shards, index 0 after the "
+        f"deletion: {[phase for _, phase in retries]}, {elapsed:.0f}s "
         f"from apply (Triton start included), {st.get('recordsPerSecond')} records/s by status",
     )
 
