@@ -29,6 +29,8 @@ SHORT_NAMES = ["md"]
 MANAGER = "modeldeploy-operator"
 #: The label naming the ModelDeployment a child belongs to.
 LABEL_NAME = f"{GROUP}/name"
+#: What a BatchInference's Job, ConfigMap and pods carry instead of LABEL_NAME (its name).
+LABEL_BATCH = f"{GROUP}/batch"
 
 #: Manual rollout commands: annotations set to a fresh value (a nonce; ``kubectl modeldeploy promote``
 #: writes one), each value acted on once and remembered in ``status.rollout.handled*``.

@@ -17,7 +17,7 @@ from .. import api
 from ..modeldeployment import builders as md_builders
 from . import api as bapi
 
-LABEL_BATCH = f"{api.GROUP}/batch"
+LABEL_BATCH = api.LABEL_BATCH
 COMPONENT_WORKER = "batch-worker"
 WORKER_CONTAINER = "worker"
 PREFLIGHT_CONTAINER = "preflight"

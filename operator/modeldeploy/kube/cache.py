@@ -25,8 +25,6 @@ _OWNS_REPLICAS = {
     "operation": "Apply",
     "fieldsV1": {"f:spec": {"f:replicas": {}}},
 }
-#: A BatchInference's objects carry this label (batch/builders.LABEL_BATCH) instead of the name label.
-BATCH_LABEL = f"{api.GROUP}/batch"
 _SHARED_MAX_CHARS = 40  # names, label values, image names, field values like "TCP"; not messages
 
 
@@ -99,8 +97,8 @@ class Cache:
         if obj.get("kind") == api.KIND:
             return str(obj["metadata"]["name"])
         labels = obj["metadata"].get("labels") or {}
-        if BATCH_LABEL in labels:
-            return f"BatchInference/{labels[BATCH_LABEL]}"
+        if api.LABEL_BATCH in labels:
+            return f"BatchInference/{labels[api.LABEL_BATCH]}"
         return str(labels.get(api.LABEL_NAME, ""))
 
     def put(self, obj: dict[str, Any]) -> None:
