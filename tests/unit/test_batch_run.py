@@ -156,3 +156,24 @@ def test_the_preflight_checks_without_a_model_server() -> None:
     with pytest.raises(run.Stop) as stop:
         check(MemoryStore(), sink, inputs)
     assert stop.value.reason == "InputEmpty"
+
+
+def test_a_shard_failing_every_try_is_named_in_the_report() -> None:
+    class Down(FakeTriton):
+        async def infer(self, batch: list[dict[str, records.Tensor]]) -> list[dict[str, Any]]:
+            raise ConnectionError("triton went away")
+
+    source, sink = stores(data_set(4, {}))
+    report = run.Report(0)
+
+    async def main() -> Any:
+        return await run.run(
+            source=source, sink=sink, triton=Down(),  # type: ignore[arg-type]
+            shard_bytes=10_000, index=0, workers=1, concurrency=1, batch_size=4, retries=0, report=report,
+        )  # fmt: skip
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(main())
+    assert report.failed_shards == [0]
+    assert json.loads(report.dump())["failed_shards"] == [0]
+    assert "failed_shards" not in json.loads(run.Report(1).dump())

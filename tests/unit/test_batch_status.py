@@ -180,3 +180,15 @@ def test_a_failed_preflight_is_the_jobs_reason() -> None:
         {"name": "preflight", "state": {"terminated": {"exitCode": 0, "message": '{"worker": 1, "plan": 4}'}}}
     ]
     assert status.collect([passed]).by_index == {}  # a preflight that passed reports nothing
+
+
+def test_a_shard_that_failed_every_try_counts_until_a_later_try_gets_further() -> None:
+    report = {"worker": 1, "plan": 8, "shards": 1, "records": 100, "failed_shards": [5]}
+    failed = pod(1, {**report, "reason": "WorkerError", "message": "ConnectionError: triton went away"}, "a")
+    st = derive(job(active=1, ready=1, failed=1), [failed, pod(1, None, "b")])
+    assert st.shards_failed == 1 and st.progress == "1/8"
+    retry = pod(1, {"worker": 1, "plan": 8, "shards": 4, "records": 400}, "b")
+    st = derive(job(("Complete", "CompletionsReached"), failed=1), [failed, retry])
+    assert st.shards_failed == 0 and st.progress == "4/8"
+    gave_up = derive(job(("Failed", "FailedIndexes"), failed=4), [failed])
+    assert gave_up.shards_failed == 1 and cond(gave_up, "Failed").reason == "WorkerError"

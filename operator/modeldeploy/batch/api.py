@@ -167,7 +167,14 @@ class BatchInferenceStatus(_Model):
     )
     shards: int | None = Field(default=None, ge=0, description="Shards in the plan.")
     shards_succeeded: int | None = Field(default=None, ge=0, description="Shards whose results are written.")
-    shards_failed: int | None = Field(default=None, ge=0, description="Shards that ran out of retries.")
+    shards_failed: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Shards that failed every try in a worker pod (retries per shard); the Job tries the "
+            "pod's index again (up to 3 times), and a shard stops counting once a later try gets past it."
+        ),
+    )
     progress: str | None = Field(default=None, max_length=64, description="Shards done/total.")
     records: int | None = Field(default=None, ge=0, description="Records scored.")
     records_failed: int | None = Field(default=None, ge=0, description="Records in the errors files.")

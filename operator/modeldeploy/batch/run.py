@@ -106,9 +106,11 @@ class Report:
     reason: str | None = None
     message: str | None = None
     totals: dict[str, int] = field(default_factory=dict)  # the manifest's, once all shards are done
+    #: Shards that failed every try in this worker (it then exits 1 and the Job tries the index again).
+    failed_shards: list[int] = field(default_factory=list)
 
     def dump(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, {})})[:4000]
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, {}, [])})[:4000]
 
 
 class Triton:
@@ -284,6 +286,7 @@ async def run(
                     )
                 except Exception as exc:
                     if attempt == retries:
+                        report.failed_shards.append(shard.index)
                         raise
                     print(f"shard {shard.index}: try {attempt + 1} failed ({exc}); trying again", flush=True)
                     await asyncio.sleep(min(30.0, 2.0**attempt))

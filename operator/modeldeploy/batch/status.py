@@ -183,6 +183,9 @@ def _counts(st: bapi.BatchInferenceStatus, reports: Reports, output_uri: str) ->
     """Shards, records and the manifest from the reports (the manifest's totals once written)."""
     if not reports.by_index:
         return
+    # A shard that failed every try in a worker counts until a later try of its index gets further
+    # (the latest report per index is the one with the most shards done).
+    st.shards_failed = len({int(n) for r in reports.by_index.values() for n in r.get("failed_shards") or []})
     plan = max(int(r.get("plan") or 0) for r in reports.by_index.values())
     totals = next((r["totals"] for r in reports.by_index.values() if r.get("totals")), None)
     if totals:
@@ -192,6 +195,7 @@ def _counts(st: bapi.BatchInferenceStatus, reports: Reports, output_uri: str) ->
             int(totals["failed"]),
         )
         st.manifest = output_uri.rstrip("/") + "/" + shards.MANIFEST
+        st.shards_failed = 0
     else:
         st.shards_succeeded = sum(int(r.get("shards") or 0) for r in reports.by_index.values())
         st.records = sum(int(r.get("records") or 0) for r in reports.by_index.values())
