@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from modeldeploy import api
@@ -192,3 +193,46 @@ def test_a_shard_that_failed_every_try_counts_until_a_later_try_gets_further() -
     assert st.shards_failed == 0 and st.progress == "4/8"
     gave_up = derive(job(("Failed", "FailedIndexes"), failed=4), [failed])
     assert gave_up.shards_failed == 1 and cond(gave_up, "Failed").reason == "WorkerError"
+
+
+def test_a_running_status_does_not_change_with_the_clock_alone() -> None:
+    """Each status write is a watch event and another pass: a status that changed with the time
+    alone (records per second over a growing span) was written on every pass, without end."""
+    live = [{"worker": 0, "plan": 8, "shards": 2, "records": 200}]
+    first = derive(job(active=1, ready=1), [pod(0, None)], live=live)
+    later = status.derive(
+        first, generation=1, now=NOW + timedelta(seconds=7), job=job(active=1, ready=1),
+        pods=[pod(0, None)], live=live, output_uri="s3://b/out/",
+    )  # fmt: skip
+    assert later == first
+    more = [{"worker": 0, "plan": 8, "shards": 3, "records": 340}]
+    moved = status.derive(
+        first, generation=1, now=NOW + timedelta(seconds=7), job=job(active=1, ready=1),
+        pods=[pod(0, None)], live=more, output_uri="s3://b/out/",
+    )  # fmt: skip
+    assert (moved.records, moved.records_per_second) == (340, 20.0)
+
+
+def test_workers_are_asked_for_progress_at_most_every_few_seconds() -> None:
+    asked: list[str] = []
+    clock = [100.0]
+
+    async def progress(url: str) -> dict[str, Any]:
+        asked.append(url)
+        return {"worker": 0, "plan": 8, "shards": len(asked)}
+
+    rec = controller.BatchReconciler(
+        None, None, post_event=None, progress=progress, monotonic=lambda: clock[0]
+    )  # type: ignore[arg-type]
+    running = pod(0, None)
+    running["status"]["podIP"] = "10.0.0.7"
+
+    def ask() -> list[dict[str, Any]]:
+        return asyncio.run(rec.live_reports("ns", "bi", [running]))
+
+    assert ask() == [{"worker": 0, "plan": 8, "shards": 1}]
+    clock[0] += controller.PROGRESS_POLL_SECONDS - 0.5
+    assert ask() == [{"worker": 0, "plan": 8, "shards": 1}] and len(asked) == 1  # the last answer
+    clock[0] += 1
+    assert ask()[0]["shards"] == 2 and len(asked) == 2
+    assert controller.PROGRESS_POLL_SECONDS < controller.RUNNING_RESYNC_SECONDS  # each resync asks

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +44,10 @@ RUNNING_RESYNC_SECONDS = 10.0
 #: A worker's progress answer is a few hundred bytes on the pod network: one that takes longer is
 #: skipped this round (its last report stays in status), so that a reconcile never waits on it long.
 PROGRESS_TIMEOUT_SECONDS = 1.0
+#: Reconciles an event brings (a pod's status, the operator's own status write) within this long of
+#: the last progress read reuse it: the workers' cores are for scoring (the status write of a
+#: reconcile is itself an event; asking the workers on each one kept them answering, measured).
+PROGRESS_POLL_SECONDS = 5.0
 TERMINAL = (bapi.BatchPhase.succeeded.value, bapi.BatchPhase.failed.value)
 
 
@@ -134,11 +139,17 @@ class BatchReconciler:
     clock: Callable[[], datetime] = _now
     #: Reads a running worker's report so far (tests give their own).
     progress: Callable[[str], Awaitable[dict[str, Any] | None]] = fetch_progress
+    monotonic: Callable[[], float] = time.monotonic
+    #: Per running BatchInference: when its workers were last asked, and what they said.
+    _live: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns when to look again without an event (None: on events only)."""
         bi = self.cache.get(bapi.KIND, namespace, name)
         if bi is None or bi["metadata"].get("deletionTimestamp"):
+            self._live.pop((namespace, name), None)
             return None
         try:
             return await self._reconcile(bi)
@@ -155,6 +166,7 @@ class BatchReconciler:
         except pydantic.ValidationError:
             old = bapi.BatchInferenceStatus()
         if old.phase in TERMINAL:
+            self._live.pop((ns, name), None)
             return None  # done: the Job is kept (its pods' logs) until the BatchInference is deleted
         now = self.clock()
         try:
@@ -179,8 +191,7 @@ class BatchReconciler:
                 job = await self._create(bi, spec, model)
                 model_revision = model.revision
         pods = self.cache.owned("Pod", ns, owner_key(name))
-        urls = running_workers(pods) if job is not None else []
-        live = [r for r in await asyncio.gather(*(self.progress(u) for u in urls)) if r is not None]
+        live = await self.live_reports(ns, name, pods) if job is not None else []
         new = status.derive(
             old,
             generation=generation,
@@ -196,6 +207,17 @@ class BatchReconciler:
         if waiting is not None:
             return WAIT_SECONDS
         return RUNNING_RESYNC_SECONDS if new.phase not in TERMINAL else None
+
+    async def live_reports(self, ns: str, name: str, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The running workers' reports so far: asked at most every PROGRESS_POLL_SECONDS."""
+        at = self.monotonic()
+        last = self._live.get((ns, name))
+        if last is not None and at - last[0] < PROGRESS_POLL_SECONDS:
+            return last[1]
+        urls = running_workers(pods)
+        live = [r for r in await asyncio.gather(*(self.progress(u) for u in urls)) if r is not None]
+        self._live[(ns, name)] = (at, live)
+        return live
 
     def _md(self, ns: str, spec: bapi.BatchInferenceSpec) -> dict[str, Any] | None:
         ref = spec.model.model_deployment_ref

@@ -146,7 +146,8 @@ def derive(
             reason = str(failed.get("reason") or "JobFailed")
             message = str(failed.get("message") or "the Job failed")
         return _ended(st, conditions, FAILED, reason, message, at, generation)
-    _throughput(st, started, now)
+    if st.records != old.records:  # not on every pass: a status that changes with the clock alone
+        _throughput(st, started, now)  # is written on every pass, and each write brings another
     active, ready = int(jst.get("active") or 0), int(jst.get("ready") or 0)
     if active or jst.get("succeeded") or jst.get("failed"):
         st.phase = bapi.BatchPhase.running.value
