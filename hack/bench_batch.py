@@ -80,10 +80,12 @@ async def _floor(address: str, xs: np.ndarray, batch: int, concurrency: int) -> 
     return elapsed
 
 
-async def _plain_script(address: str, source: Path, sink: Path, batch: int, concurrency: int) -> float:
-    """The same work as the worker, as a plain script would do it: read each input file, parse each
-    line, send batches (same size, same requests in flight), write the answers as JSON Lines, one
-    output file per input file. No sharding, no checks, no error handling."""
+async def _plain_script(address: str, source: Any, sink: Any, batch: int, concurrency: int) -> float:
+    """The same work as the worker, as a plain script would do it: read each input object (obstore:
+    a local folder or S3), parse each line, send batches (same size, same requests in flight), write
+    the answers as JSON Lines, one output object per input object. No sharding, no checks, no error
+    handling."""
+    import obstore
     from tritonclient.http import InferInput, InferRequestedOutput
     from tritonclient.http.aio import InferenceServerClient
 
@@ -101,13 +103,13 @@ async def _plain_script(address: str, source: Path, sink: Path, batch: int, conc
 
     t0 = time.monotonic()
     try:
-        for path in sorted(source.iterdir()):  # noqa: ASYNC240 (a plain script reads as it goes)
-            xs = np.array(
-                [json.loads(line)["X"] for line in path.read_bytes().splitlines()], dtype=np.float32
-            )
+        keys = sorted(meta["path"] for metas in obstore.list(source) for meta in metas)
+        for key in keys:
+            data = bytes(await (await obstore.get_async(source, key)).bytes_async())
+            xs = np.array([json.loads(line)["X"] for line in data.splitlines()], dtype=np.float32)
             answers = await asyncio.gather(*(send(xs[i : i + batch]) for i in range(0, len(xs), batch)))
             rows = (json.dumps({"Y": y.tolist()}) + "\n" for ys in answers for y in ys)
-            (sink / path.name).write_text("".join(rows))
+            await obstore.put_async(sink, key, "".join(rows).encode())
     finally:
         await client.close()
     return time.monotonic() - t0
@@ -174,8 +176,11 @@ def _warm(_: int) -> None:
 
 def measure(n: int = 50_000, batch: int = 32, concurrency: int = 4) -> dict[str, Any]:
     """The floor and the worker with one and with two tritonservers, each once after a warm-up."""
-    dist = launcher.prepare()
+    from obstore.store import LocalStore
+
     from tritonmodels import scaler_py
+
+    dist = launcher.prepare()
 
     with tempfile.TemporaryDirectory(prefix="modeldeploy-bench-batch-") as tmp:
         root = Path(tmp)
@@ -196,7 +201,9 @@ def measure(n: int = 50_000, batch: int = 32, concurrency: int = 4) -> dict[str,
             floor_s = asyncio.run(_floor(addresses[0], xs, batch, concurrency))
             (root / "plain").mkdir()
             plain_s = asyncio.run(
-                _plain_script(addresses[0], root / "in", root / "plain", batch, concurrency)
+                _plain_script(
+                    addresses[0], LocalStore(root / "in"), LocalStore(root / "plain"), batch, concurrency
+                )
             )
             out: dict[str, Any] = {
                 "records": n,

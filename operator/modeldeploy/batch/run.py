@@ -101,7 +101,8 @@ class Report:
     assigned: int = 0
     records: int = 0
     failed: int = 0
-    seconds: float = 0.0
+    started: float = 0.0  # Unix time the worker began (listing, checks, shards, manifest)
+    seconds: float = 0.0  # how long that took
     manifest: str | None = None
     reason: str | None = None
     message: str | None = None
@@ -515,6 +516,7 @@ def main(args: argparse.Namespace) -> int:
         )
 
     t0 = time.monotonic()
+    report.started = round(time.time(), 3)
     code = 0
     try:
         asyncio.run(go())
