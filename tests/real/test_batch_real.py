@@ -3,8 +3,9 @@ real Triton (a native sidecar, the locally built image) score records held in a 
 on the node IP) and write results, errors and the manifest back to it.
 
 - 10,000 records over several shards and two pods give exactly one answer per good record, equal to
-  the model's own arithmetic, and every malformed record in the errors file with its position; a
-  worker pod deleted mid-run and the operator killed mid-run change nothing in that outcome.
+  what the same model (as staged, with the config the pods mounted) answers when called directly,
+  and every malformed record in the errors file with its position; a worker pod deleted mid-run and
+  the operator killed mid-run change nothing in that outcome.
 - .npy arrays: each row one record, answered like the JSON ones.
 - A job over its ``maxFailedRecords`` fails with that reason, and records that do not fit the
   model's inputs stop a job before any shard is scored.
@@ -16,6 +17,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,9 +73,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[t
         yield server, key
 
 
-def store(server: Any, key: Any, prefix: str) -> S3Store:
+def store(server: Any, key: Any, prefix: str, bucket: str = "data") -> S3Store:
     return S3Store(
-        "data",
+        bucket,
         prefix=prefix,
         endpoint=server.endpoint,
         access_key_id=key.access_key,
@@ -161,6 +163,40 @@ def describe(cluster: Cluster, ns: str) -> str:
     return f"\n{pods}\n{events[-3000:]}\n{logs.stdout[-3000:]}{logs.stderr[-500:]}"
 
 
+def direct_answers(cluster: Cluster, ns: str, s3: tuple[Any, Any], xs: np.ndarray, work: Path) -> np.ndarray:
+    """The model called directly: the model as the pods staged it (from S3) with the config.pbtxt
+    they mounted (the ConfigMap the operator rendered), on a host tritonserver of the same build,
+    sent ``xs`` in batches of the config's maximum."""
+    import tritonclient.http as httpclient
+
+    from hack import triton as launcher
+
+    [config] = [
+        cm.data["config.pbtxt"]
+        for cm in cluster.core.list_namespaced_config_map(ns).items
+        if "config.pbtxt" in (cm.data or {})
+    ]
+    repo = work / "direct"
+    (repo / MODEL / "1").mkdir(parents=True)
+    model = obstore.get(store(*s3, "repo", bucket="models"), f"{MODEL}/1/model.py")
+    (repo / MODEL / "1" / "model.py").write_bytes(bytes(model.bytes()))
+    (repo / MODEL / "config.pbtxt").write_text(config)
+    server = launcher.TritonServer.start(
+        launcher.prepare(), repo, log_path=work / "direct-triton.log", ready_timeout=120
+    )
+    try:
+        client = httpclient.InferenceServerClient(server.http_address)
+        answers = []
+        for i in range(0, len(xs), 16):
+            tensor = httpclient.InferInput("X", [len(xs[i : i + 16]), 4], "FP32")
+            tensor.set_data_from_numpy(xs[i : i + 16])
+            answers.append(client.infer(MODEL, [tensor], model_version="1").as_numpy("Y"))
+        client.close()
+    finally:
+        server.stop()
+    return np.concatenate(answers)
+
+
 def ended(cluster: Cluster, ns: str, name: str, timeout: float = 420) -> dict[str, Any]:
     return wait_for(
         lambda: st if (st := status(cluster, ns, name)).get("phase") in ("Succeeded", "Failed") else None,
@@ -170,7 +206,7 @@ def ended(cluster: Cluster, ns: str, name: str, timeout: float = 420) -> dict[st
 
 
 def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
-    cluster: Cluster, operator: Any, images: dict[str, str], s3: tuple[Any, Any]
+    cluster: Cluster, operator: Any, images: dict[str, str], s3: tuple[Any, Any], tmp_path: Path
 ) -> None:
     server, key = s3
     ns = cluster.create_namespace(prefix="batch-real")
@@ -217,12 +253,14 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     manifest = json.loads(bytes(obstore.get(out, "_manifest.json").bytes()))
     results, errors = read_jsonl(out, "results"), read_jsonl(out, "errors")
     good = [i for i in range(RECORDS) if i not in BAD]
-    # exactly one result per good record, in input order, each Y = 2 X as the model computes it
+    # exactly one result per good record, in input order, each what the model answers when called
+    # directly with that record (Y = 2 X)
     assert len(results) == len(good) == manifest["records"] == st["records"]
     positions = [(r["key"], r["offset"]) for r in results]
     assert len(set(positions)) == len(positions)
     got = np.array([r["outputs"]["Y"]["data"] for r in results], dtype=np.float32)
     np.testing.assert_array_equal(got, xs[good] * np.float32(2))
+    np.testing.assert_array_equal(got, direct_answers(cluster, ns, s3, xs[good], tmp_path))
     # every malformed record in the errors file, at its position, with the reason
     per = -(-RECORDS // FILES)
     offsets = {}
