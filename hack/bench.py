@@ -9,9 +9,13 @@ attributes every write to it. Prints:
     plain client (each Deployment's apply -> available);
   - steady state: operator API writes per minute with N idle ModelDeployments;
   - operator peak RSS at N;
-  - rollback reaction: candidate failure visible in the API -> traffic back on stable.
+  - rollback reaction: candidate failure visible in the API -> traffic back on stable;
+  - batch inference: the worker against a plain script on local files (``hack.bench_batch``), and a
+    BatchInference on the real node against a plain client loop, both with S3 (``hack.bench_batch_cluster``;
+    after the local control plane above is down: one cluster at a time).
 
 Usage: python -m hack.bench [--create 100] [--burst 100,500,1000] [--steady-seconds 60]
+                            [--batch 50000] [--batch-cluster 200000]
 """
 
 from __future__ import annotations
@@ -668,6 +672,12 @@ def main() -> int:
     ap.add_argument(
         "--batch", type=int, default=50_000, help="records for the batch inference figure (0: skip it)"
     )
+    ap.add_argument(
+        "--batch-cluster",
+        type=int,
+        default=200_000,
+        help="records for the batch figure through a BatchInference on the real node (0: skip it)",
+    )
     ap.add_argument("--json", type=Path, help="also write every figure (and the detail behind them) here")
     args = ap.parse_args()
     sizes = [int(x) for x in args.burst.split(",") if x]
@@ -702,6 +712,16 @@ def main() -> int:
 
         results["batch"] = bench_batch.measure(args.batch)
         print("batch inference:", json.dumps(results["batch"]), flush=True)
+    if args.batch_cluster:
+        from hack import bench_batch_cluster
+        from hack.s3server import S3ServerUnavailable
+        from kube import ClusterUnavailable
+
+        try:
+            results["batch_cluster"] = bench_batch_cluster.measure(args.batch_cluster)
+            print("batch inference (BatchInference):", json.dumps(results["batch_cluster"]), flush=True)
+        except (ClusterUnavailable, S3ServerUnavailable) as err:
+            results["batch_cluster_unavailable"] = str(err)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     report(results)
@@ -781,6 +801,14 @@ def report(results: dict[str, Any]) -> None:
         from hack import bench_batch
 
         print(bench_batch.line(results["batch"]))
+    if "batch_cluster" in results:
+        from hack import bench_batch_cluster
+
+        print(bench_batch_cluster.line(results["batch_cluster"]))
+    elif "batch_cluster_unavailable" in results:
+        print(
+            f"batch inference through a BatchInference: not measured ({results['batch_cluster_unavailable']})"
+        )
 
 
 if __name__ == "__main__":
