@@ -43,28 +43,11 @@ SHARDS = 8
 
 def model_spec(image: str) -> dict[str, Any]:
     """The inline model and server of the BatchInference (the floor's Triton gets the same config)."""
-    key, value = realnode.NODE_LABEL
+    from tritonmodels import inline_python_model
+
     return {
-        "model": {
-            "name": MODEL,
-            "format": "python",
-            "storageUri": "s3://models/repo",
-            "version": 1,
-            "credentialsSecret": "s3",
-            "config": {
-                "maxBatchSize": bench_batch.MAX_BATCH,
-                "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [bench_batch.DIMS]}],
-                "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [bench_batch.DIMS]}],
-                "instanceGroups": [{"kind": "KIND_CPU", "count": 1}],
-            },
-        },
-        "server": {
-            "image": image,
-            "imagePullPolicy": "Never",
-            "shmSize": "64Mi",
-            "nodeSelector": {key: value},
-            "tolerations": [{**realnode.NODE_TAINT, "operator": "Equal"}],
-        },
+        "model": inline_python_model(MODEL, dims=bench_batch.DIMS, max_batch=bench_batch.MAX_BATCH),
+        "server": realnode.on_node({"image": image, "imagePullPolicy": "Never", "shmSize": "64Mi"}),
     }
 
 
@@ -73,20 +56,6 @@ def rendered_config(spec: dict[str, Any]) -> str:
     from modeldeploy.triton.config import render_config_pbtxt
 
     return render_config_pbtxt(MODEL, api.ModelSpec.model_validate(spec["model"]))
-
-
-def s3_store(server: Any, key: Any, prefix: str) -> Any:
-    from obstore.store import S3Store
-
-    return S3Store(
-        "data",
-        prefix=prefix,
-        endpoint=server.endpoint,
-        access_key_id=key.access_key,
-        secret_access_key=key.secret_key,
-        region=s3server.REGION,
-        client_options={"allow_http": True},
-    )
 
 
 def _worker_window(cluster: Any, name: str) -> tuple[float, list[dict[str, Any]]]:
@@ -185,7 +154,7 @@ def measure(n: int = 100_000, batch: int = 32, concurrency: int = 4) -> dict[str
                 server.setup(bucket="data", user="batch")
                 server.enforce_auth()
                 for path in sorted((root / "in").iterdir()):
-                    obstore.put(s3_store(server, key, "in"), path.name, path.read_bytes())
+                    obstore.put(server.store(key, "data", "in"), path.name, path.read_bytes())
                 cluster.create_namespace(NAMESPACE)
                 cluster.kubectl(
                     "create", "secret", "generic", "s3", "-n", NAMESPACE,
@@ -204,8 +173,8 @@ def measure(n: int = 100_000, batch: int = 32, concurrency: int = 4) -> dict[str
                     floor_s = asyncio.run(
                         bench_batch._plain_script(
                             triton.http_address,
-                            s3_store(server, key, "in"),
-                            s3_store(server, key, "plain"),
+                            server.store(key, "data", "in"),
+                            server.store(key, "data", "plain"),
                             batch,
                             concurrency,
                         )

@@ -93,7 +93,6 @@ def ready_on(revision: int) -> Any:
 
 
 def manifest(image: str, version: int) -> str:
-    key, value = realnode.NODE_LABEL
     md = {
         "apiVersion": "modeldeploy.io/v1alpha1",
         "kind": "ModelDeployment",
@@ -108,13 +107,7 @@ def manifest(image: str, version: int) -> str:
                 "config": SPEC_CONFIG,
             },
             "replicas": REPLICAS,
-            "server": {
-                "image": image,
-                "imagePullPolicy": "Never",
-                "shmSize": "64Mi",
-                "nodeSelector": {key: value},
-                "tolerations": [{**realnode.NODE_TAINT, "operator": "Equal"}],
-            },
+            "server": realnode.on_node({"image": image, "imagePullPolicy": "Never", "shmSize": "64Mi"}),
             "rollout": {
                 "steps": [{"weight": 25, "pause": {}}, {"weight": 50, "pause": {}}, {"weight": 100}],
                 "scaleDownDelaySeconds": 0,

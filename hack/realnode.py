@@ -92,6 +92,16 @@ OUR_CHAIN_PREFIXES = ("KUBE-", "MODELDEPLOY-")
 SYSCTLS = ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables")
 
 
+def on_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``pod_spec`` (a ModelDeployment's ``server``, a pod's spec) asking for the real node:
+    its label and a toleration of its taint."""
+    spec = json.loads(json.dumps(pod_spec))
+    key, value = NODE_LABEL
+    spec.setdefault("nodeSelector", {})[key] = value
+    spec.setdefault("tolerations", []).append({**NODE_TAINT, "operator": "Equal"})
+    return spec
+
+
 class RealNodeUnavailable(RuntimeError):
     """This machine cannot run the real node (not root, no cgroups, a missing package or binary)."""
 

@@ -206,6 +206,20 @@ class S3Server(ServerProcess):
         doc = json.loads(out.stdout)
         return AccessKey(doc["access_key"], doc["secret_key"])
 
+    def store(self, key: AccessKey, bucket: str, prefix: str = "") -> Any:
+        """An obstore S3 store of ``bucket``/``prefix`` on this server, signed with ``key``."""
+        from obstore.store import S3Store
+
+        return S3Store(
+            bucket,
+            prefix=prefix or None,
+            endpoint=self.endpoint,
+            access_key_id=key.access_key,
+            secret_access_key=key.secret_key,
+            region=REGION,
+            client_options={"allow_http": True},
+        )
+
     def enforce_auth(self) -> None:
         """From now on every request must be signed by a known access key (moto's IAM auth)."""
         status, body = http("POST", f"{self.endpoint}/moto-api/reset-auth", b"0")

@@ -5,6 +5,8 @@ behave differently, is tests/real/models.py.)"""
 
 from __future__ import annotations
 
+from typing import Any
+
 _SCALER = """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -20,6 +22,24 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("{output}", x * FACTOR)]))
         return responses
 """
+
+
+def inline_python_model(name: str, *, dims: int, max_batch: int, secret: str = "s3") -> dict[str, Any]:
+    """A BatchInference's or ModelDeployment's ``model``: version 1 of python-backend model ``name``
+    under s3://models/repo, FP32 input ``X`` and output ``Y`` of ``dims`` values, one CPU instance."""
+    return {
+        "name": name,
+        "format": "python",
+        "storageUri": "s3://models/repo",
+        "version": 1,
+        "credentialsSecret": secret,
+        "config": {
+            "maxBatchSize": max_batch,
+            "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [dims]}],
+            "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [dims]}],
+            "instanceGroups": [{"kind": "KIND_CPU", "count": 1}],
+        },
+    }
 
 
 def scaler_py(factor: float, *, input: str = "X", output: str = "Y") -> str:

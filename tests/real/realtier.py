@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +25,7 @@ def unavailable(reason: str) -> None:
     _unavailable(f"real node unavailable: {reason}", REQUIRED_BY)
 
 
-def on_real_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """``pod_spec`` asking for the real node: its label and a toleration of its taint."""
-    spec = copy.deepcopy(pod_spec)
-    key, value = realnode.NODE_LABEL
-    spec.setdefault("nodeSelector", {})[key] = value
-    spec.setdefault("tolerations", []).append({**realnode.NODE_TAINT, "operator": "Equal"})
-    return spec
+on_real_node = realnode.on_node
 
 
 RESTRICTED_CONTAINER: dict[str, Any] = {

@@ -29,7 +29,7 @@ from realtier import figure, on_real_node, operator_process, realnode, s3_secret
 from hack import s3server
 from kube import Cluster, wait_for
 from operator_proc import install_crd
-from tritonmodels import flaky_py
+from tritonmodels import flaky_py, inline_python_model
 
 MODEL = "doubler"
 RECORDS = 10_000
@@ -74,15 +74,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[t
 
 
 def store(server: Any, key: Any, prefix: str, bucket: str = "data") -> S3Store:
-    return S3Store(
-        bucket,
-        prefix=prefix,
-        endpoint=server.endpoint,
-        access_key_id=key.access_key,
-        secret_access_key=key.secret_key,
-        region=s3server.REGION,
-        client_options={"allow_http": True},
-    )
+    return server.store(key, bucket, prefix)  # type: ignore[no-any-return]
 
 
 def upload(server: Any, key: Any, prefix: str, lines: list[bytes], files: int) -> None:
@@ -126,19 +118,7 @@ def batch(name: str, image: str, **spec: Any) -> dict[str, Any]:
         "spec": {
             "model": {
                 "inline": {
-                    "model": {
-                        "name": MODEL,
-                        "format": "python",
-                        "storageUri": "s3://models/repo",
-                        "version": 1,
-                        "credentialsSecret": "s3",
-                        "config": {
-                            "maxBatchSize": 16,
-                            "inputs": [{"name": "X", "dataType": "TYPE_FP32", "dims": [4]}],
-                            "outputs": [{"name": "Y", "dataType": "TYPE_FP32", "dims": [4]}],
-                            "instanceGroups": [{"kind": "KIND_CPU", "count": 1}],
-                        },
-                    },
+                    "model": inline_python_model(MODEL, dims=4, max_batch=16),
                     "server": server,
                 }
             },
