@@ -58,18 +58,35 @@ def rendered_config(spec: dict[str, Any]) -> str:
     return render_config_pbtxt(MODEL, api.ModelSpec.model_validate(spec["model"]))
 
 
-def _worker_window(cluster: Any, name: str) -> tuple[float, list[dict[str, Any]]]:
-    """Seconds from the first worker's start to the last one's end, and the reports."""
+def _worker_window(cluster: Any, name: str) -> tuple[float, list[dict[str, Any]], list[str]]:
+    """Seconds from the first worker's start to the last one's end (every worker that wrote a
+    report, a failed one included: its shards are part of the work), the reports, and a line for
+    each pod that did not succeed (a retried index: what happened to it)."""
     pods = cluster.core.list_namespaced_pod(NAMESPACE, label_selector=f"modeldeploy.io/batch={name}").items
-    reports = []
+    reports, unsucceeded = [], []
     for p in pods:
-        for cs in p.status.container_statuses or []:
-            term = cs.state.terminated if cs.name == "worker" and cs.state else None
-            if term is not None and term.exit_code == 0 and term.message:
-                reports.append(json.loads(term.message.strip().splitlines()[-1]))
+        states = []
+        for cs in [*(p.status.init_container_statuses or []), *(p.status.container_statuses or [])]:
+            term = cs.state.terminated if cs.state else None
+            if term is None:
+                continue
+            states.append(f"{cs.name} exit {term.exit_code} {term.reason or ''}".strip())
+            if cs.name == "worker" and term.message:
+                try:
+                    report = json.loads(term.message.strip().splitlines()[-1])
+                except ValueError:
+                    continue
+                if "started" in report and "seconds" in report:
+                    reports.append(report)
+        if p.status.phase != "Succeeded":
+            conditions = [c.type for c in p.status.conditions or [] if c.status == "True"]
+            unsucceeded.append(
+                f"{p.metadata.name}: {p.status.phase} {p.status.reason or ''} {p.status.message or ''} "
+                f"conditions {conditions} containers {states}"
+            )
     start = min(r["started"] for r in reports)
     end = max(r["started"] + r["seconds"] for r in reports)
-    return end - start, reports
+    return end - start, reports, unsucceeded
 
 
 def _batch_inference(
@@ -108,8 +125,9 @@ def _batch_inference(
     end_to_end = time.monotonic() - t0
     if st["phase"] != "Succeeded" or st.get("records") != n:
         raise RuntimeError(f"BatchInference {name}: {st}")
-    window, reports = _worker_window(cluster, name)
+    window, reports, unsucceeded = _worker_window(cluster, name)
     return {
+        "pods_not_succeeded": unsucceeded,
         "pods": pods,
         "records_per_s": n / window,
         "end_to_end_s": end_to_end,
@@ -213,6 +231,7 @@ def measure(n: int = 100_000, batch: int = 32, concurrency: int = 4) -> dict[str
 
 def line(b: dict[str, Any]) -> str:
     one, two = b["pods_1"], b["pods_2"]
+    retried = [p for run in (one, two) for p in run.get("pods_not_succeeded") or []]
     return (
         f"batch inference (BatchInference on the real node, S3) {b['records']} records, batch "
         f"{b['batch_size']}, {b['concurrency']} in flight per pod, {b['shards']} shards: floor (plain client "
@@ -221,7 +240,7 @@ def line(b: dict[str, Any]) -> str:
         f"end to end {one['end_to_end_s']:.1f}s from apply, {one['end_to_end_records_per_s']:.0f}/s); "
         f"2 pods {two['records_per_s']:.0f}/s ({two['ratio']:.2f}x; "
         f"{two['records_per_s'] / one['records_per_s']:.2f}x of 1 pod, on 2 cores; "
-        f"end to end {two['end_to_end_s']:.1f}s)"
+        f"end to end {two['end_to_end_s']:.1f}s)" + (f"; pods tried again: {retried}" if retried else "")
     )
 
 

@@ -226,6 +226,15 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     # index 0 started again and finished; a retried pod may itself fail and be retried (the Job allows
     # backoffLimitPerIndex tries) as long as the output below is complete and duplicate-free
     retries = [(p.metadata.name, p.status.phase) for p in again if p.metadata.name != victim.metadata.name]
+    # what ended a retried pod that failed (kept in the figure: CI has seen one once, cause unknown)
+    failed_workers = [
+        f"{p.metadata.name}: {cs.name} exit {cs.state.terminated.exit_code} "
+        f"{(cs.state.terminated.message or '')[-300:]}"
+        for p in again
+        if p.metadata.name != victim.metadata.name and p.status.phase == "Failed"
+        for cs in [*(p.status.init_container_statuses or []), *(p.status.container_statuses or [])]
+        if cs.state and cs.state.terminated and cs.state.terminated.exit_code
+    ]
     assert any(phase == "Succeeded" for _, phase in retries), (
         f"index 0 finished: {retries}; {describe(cluster, ns)}"
     )
@@ -258,7 +267,7 @@ def test_ten_thousand_records_two_pods_a_worker_and_the_operator_killed_mid_run(
     figure(
         "batch: 10,000 records, 2 pods, a worker pod and the operator killed",
         f"{len(results)} results, {len(errors)} errors, {manifest['shards']} shards, index 0 after the "
-        f"deletion: {[phase for _, phase in retries]}, {elapsed:.0f}s "
+        f"deletion: {[phase for _, phase in retries]} {failed_workers or ''}, {elapsed:.0f}s "
         f"from apply (Triton start included), {st.get('recordsPerSecond')} records/s by status",
     )
 
