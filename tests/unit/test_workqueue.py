@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from modeldeploy.kube.workqueue import Backoff, WorkQueue
+from modeldeploy.kube.workqueue import Backoff, FairLane, WorkQueue
 
 
 class Recorder:
@@ -316,6 +316,60 @@ def test_workqueue_runs_keys_that_succeeded_before_ahead_of_new_ones() -> None:
     assert runs[:3] == [("ns", "old"), ("ns", "blocker"), ("ns", "old")]
     assert runs[3:8] == [("ns", f"new{i}") for i in range(5)]
     assert runs[8:] == [("ns", "blocker"), ("ns", "new0"), ("ns", "new9"), ("ns", "old")]
+
+
+def test_fair_lane_is_first_in_first_out_per_namespace_with_namespaces_taking_turns() -> None:
+    lane = FairLane()
+    assert not lane
+    for i in range(5):
+        lane.append(("team-a", f"a{i}"))
+    lane.append(("team-b", "b0"))
+    lane.append(("team-a", "a5"))
+    lane.append(("team-c", "c0"))
+    lane.append(("team-b", "b1"))
+    order = []
+    while lane:
+        order.append(lane.popleft())
+    assert order == [
+        ("team-a", "a0"),
+        ("team-b", "b0"),
+        ("team-c", "c0"),
+        ("team-a", "a1"),
+        ("team-b", "b1"),
+        *[("team-a", f"a{i}") for i in range(2, 6)],
+    ]
+    lane.append(("team-b", "b2"))  # a namespace that ran dry queues again at the back
+    lane.append(("team-a", "a6"))
+    assert [lane.popleft(), lane.popleft()] == [("team-b", "b2"), ("team-a", "a6")]
+    assert not lane
+
+
+def test_workqueue_serves_another_namespace_before_the_rest_of_a_burst() -> None:
+    """A thousand new objects in one namespace do not hold up one new object in another, nor that
+    namespace's later events; within a namespace the order stays first come, first served."""
+
+    async def main() -> list[tuple[str, str]]:
+        rec = Recorder()
+        q = WorkQueue(rec, workers=1)
+        q.start()
+        q.add(("team-b", "known"))
+        await until_idle(q)
+        rec.gate.clear()
+        q.add(("team-a", "blocker"))
+        await asyncio.wait_for(rec.started.wait(), 1)
+        for i in range(50):
+            q.add(("team-a", f"burst{i}"))
+        q.add(("team-b", "lone"))
+        q.add(("team-b", "known"))
+        rec.gate.set()
+        await until_idle(q)
+        await q.stop()
+        return rec.runs
+
+    runs = run(main())
+    assert runs[:3] == [("team-b", "known"), ("team-a", "blocker"), ("team-b", "known")]
+    assert runs[3:6] == [("team-a", "burst0"), ("team-b", "lone"), ("team-a", "burst1")]
+    assert [r for r in runs if r[0] == "team-a"][1:] == [("team-a", f"burst{i}") for i in range(50)]
 
 
 # --------------------------------------------------------------------------- annotation commands

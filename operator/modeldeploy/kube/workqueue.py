@@ -35,17 +35,50 @@ class Backoff:
         return self._failures.get(key, 0)
 
 
+class FairLane:
+    """First in, first out within a namespace; namespaces take turns (one key each, round robin).
+
+    One team's burst of a thousand objects then does not hold up another team's one object: it waits
+    for one key of each namespace with work queued ahead of it, not for the whole burst."""
+
+    def __init__(self) -> None:
+        self._by_ns: dict[str, deque[Key]] = {}
+        self._turns: deque[str] = deque()  # namespaces with keys queued, the next to serve first
+
+    def __bool__(self) -> bool:
+        return bool(self._turns)
+
+    def append(self, key: Key) -> None:
+        keys = self._by_ns.get(key[0])
+        if keys is None:
+            keys = self._by_ns[key[0]] = deque()
+            self._turns.append(key[0])
+        keys.append(key)
+
+    def popleft(self) -> Key:
+        ns = self._turns.popleft()
+        keys = self._by_ns[ns]
+        key = keys.popleft()
+        if keys:
+            self._turns.append(ns)  # its next key after one of every other namespace's
+        else:
+            del self._by_ns[ns]
+        return key
+
+
 class WorkQueue:
     """Per-key serialised, coalescing work queue (the controller-runtime semantics):
     a key is never reconciled twice at once; events arriving meanwhile cause one rerun.
 
-    Two lanes, first in first out each: keys that have had a successful run come before keys that
-    have not. In a burst of creations each object's later events (its pod turned ready: one status
-    write and it is Ready) then do not wait behind every first-time creation queued after it, which
-    made nearly every object of a burst turn Ready only at the end. At most ``new_at_once`` keys of
-    the second lane run at once: the machine's share then goes to finishing the objects already
-    started (their pods, their Ready) instead of starting every new one at the same time, and in a
-    burst they turn Ready in the order they came, one after another.
+    Two lanes, each first in first out within a namespace with namespaces taking turns
+    (:class:`FairLane`): keys that have had a successful run come before keys that have not. In a
+    burst of creations each object's later events (its pod turned ready: one status write and it is
+    Ready) then do not wait behind every first-time creation queued after it, which made nearly
+    every object of a burst turn Ready only at the end. At most ``new_at_once`` keys of the second
+    lane run at once: the machine's share then goes to finishing the objects already started (their
+    pods, their Ready) instead of starting every new one at the same time, and in a burst they turn
+    Ready in the order they came, one after another; another namespace's objects take turns with the
+    burst's instead of waiting for all of it.
     A key whose handler raised is retried after :class:`Backoff`'s delay (a watch event for it
     still runs it at once, as in client-go); its stack trace is logged on the first failure in a
     row only, later ones as one line with the count and the next delay."""
@@ -60,7 +93,7 @@ class WorkQueue:
     ) -> None:
         self._handler = handler
         self._wake = asyncio.Event()  # set when a key may be takeable; workers re-check
-        self._lanes: tuple[deque[Key], deque[Key]] = (deque(), deque())  # (succeeded before, not yet)
+        self._lanes = (FairLane(), FairLane())  # (succeeded before, not yet)
         self._new_at_once = new_at_once or workers
         self._running_new = 0
         self._succeeded: set[Key] = set()
