@@ -414,7 +414,10 @@ class Bench:
         apply-to-Ready latency and where it waited (see :class:`Timeline`), where the machine's CPU went
         meanwhile (per process) and who wrote what (audit log)."""
         ns = self.namespace(f"bench-burst-{n}")
-        return self._burst(
+        # Another team's namespace, served before the burst starts: its one object is created once the
+        # burst's are all applied (the longest queue), and timed to its own Ready.
+        lone_ns = self.namespace(f"bench-lone-{n}")
+        out = self._burst(
             n,
             ns,
             lambda i: self.custom.create_namespaced_custom_object(
@@ -422,13 +425,23 @@ class Bench:
             ),
             final="md_ready",
             keep=keep,
+            lone_ns=lone_ns,
         )
+        self.delete_namespace(lone_ns)
+        return out
 
     def burst_floor(self, n: int) -> dict[str, Any]:
         """The same children for N ModelDeployments written at once by a plain client (outside the
         operator's namespaces) -> every Deployment's pod ready: what the cluster itself needs."""
         ns = self.namespace(f"floor-burst-{n}")
         return self._burst(n, ns, lambda i: self.direct_writes(ns, f"f{i}"), final="available")
+
+    def _md_timeline(self, ns: str) -> Timeline:
+        return Timeline(
+            functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
+            lambda md: md["metadata"]["name"],
+            {"md_ready": lambda md: (md.get("status") or {}).get("phase") == "Ready"},
+        )
 
     def _timelines(self, ns: str, with_mds: bool) -> list[Timeline]:
         """Watches of one burst's namespace: when each ModelDeployment's Deployment and pod appear and
@@ -447,21 +460,24 @@ class Bench:
             ),
         ]
         if with_mds:
-            out.append(
-                Timeline(
-                    functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
-                    lambda md: md["metadata"]["name"],
-                    {"md_ready": lambda md: (md.get("status") or {}).get("phase") == "Ready"},
-                )
-            )
+            out.append(self._md_timeline(ns))
         return out
 
     def _burst(
-        self, n: int, ns: str, create: Callable[[int], Any], final: str, keep: bool = False
+        self,
+        n: int,
+        ns: str,
+        create: Callable[[int], Any],
+        final: str,
+        keep: bool = False,
+        lone_ns: str | None = None,
     ) -> dict[str, Any]:
         """Apply ``n`` objects with ``create`` from 8 threads; wait until ``n`` reach the mark ``final``.
-        Each object's apply time is taken just before its first request."""
+        Each object's apply time is taken just before its first request. With ``lone_ns``, one more
+        ModelDeployment is created there once the ``n`` are applied, and timed on its own."""
         timelines = self._timelines(ns, with_mds=final == "md_ready")
+        if lone_ns is not None:
+            timelines.append(lone_tl := self._md_timeline(lone_ns))
         for tl in timelines:
             tl.start()
         for tl in timelines:
@@ -479,9 +495,23 @@ class Bench:
         with cf.ThreadPoolExecutor(8) as pool:
             list(pool.map(apply, range(n)))
         applied_s = time.monotonic() - t0
+        if lone_ns is not None:
+            lone_applied = time.monotonic()
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, lone_ns, PLURAL, md_body("lone"))
         final_tl = next(tl for tl in timelines if final in tl.marks)
         ready = final_tl.wait_count(final, n, t0 + 900)
         elapsed = time.monotonic() - t0
+        lone: dict[str, Any] = {}
+        if lone_ns is not None:
+            lone_tl.wait_count("md_ready", 1, time.monotonic() + 60)
+            lone_ready = lone_tl.marks_of("lone").get("md_ready")
+            if lone_ready is not None:
+                ready_at = [seen[final] for seen in final_tl.snapshot().values() if final in seen]
+                lone = {
+                    "apply_to_ready_s": lone_ready - lone_applied,
+                    "applied_after_first_s": lone_applied - t0,
+                    "burst_ready_after_it": sum(1 for t in ready_at if t > lone_ready),
+                }
         cpu1, metrics1 = self.cpu_seconds(), self.apiserver_metrics()
         for tl in timelines:
             tl.stop()
@@ -501,6 +531,8 @@ class Bench:
             "apiserver": metrics_delta(metrics0, metrics1),
             "reconciles": self.reconciles() - reconciles0,
         }
+        if lone_ns is not None:
+            out["lone"] = lone or {"ready": False}
         for tl in timelines:
             tl.join(10)
         if not keep:
@@ -741,6 +773,17 @@ def latency_line(lat: dict[str, Any], floor: dict[str, Any] | None) -> str:
     return text
 
 
+def lone_line(lone: dict[str, Any], n: int) -> str:
+    """Another namespace's one object, created once the burst was applied."""
+    if "apply_to_ready_s" not in lone:
+        return "another namespace's one ModelDeployment: not Ready within 60 s of the burst's end"
+    return (
+        f"another namespace's one ModelDeployment, created {lone['applied_after_first_s']:.1f} s after "
+        f"the first apply: Ready in {lone['apply_to_ready_s']:.1f} s, "
+        f"ahead of {lone['burst_ready_after_it']} of the burst's {n}"
+    )
+
+
 def report(results: dict[str, Any]) -> None:
     c = results["create"]
     print("\n== modeldeploy bench (local control plane, operator as subprocess) ==")
@@ -763,6 +806,8 @@ def report(results: dict[str, Any]) -> None:
             )
             floor_latency = floor["latency"] if floor and key != "floor" else None
             print(f"{'':<21}{latency_line(b['latency'], floor_latency)}")
+            if "lone" in b:
+                print(f"{'':<21}{lone_line(b['lone'], b['n'])}")
             stages = ", ".join(
                 f"{label} {v['p50_s']:.2f}/{v['p99_s']:.2f}"
                 for label, v in b["latency"].get("stages", {}).items()
