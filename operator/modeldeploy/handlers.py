@@ -30,7 +30,7 @@ from .kube import kopfpatch
 from .kube.cache import Cache
 from .kube.client import EventSink, Kube
 from .kube.leader import LeaderElector
-from .kube.workqueue import WorkQueue
+from .kube.workqueue import GONE, WorkQueue
 from .modeldeployment import builders
 from .modeldeployment.analysis_runner import AnalysisRunner
 from .modeldeployment.reconcile import Reconciler
@@ -141,10 +141,10 @@ def _enqueue(namespace: str, name: str) -> None:
         OP.queue.add((namespace, name))
 
 
-async def _reconcile(namespace: str, name: str) -> None:
+async def _reconcile(namespace: str, name: str) -> object:
     assert OP.reconciler is not None and OP.queue is not None
     if not OP.leader:
-        return  # a standby keeps its cache warm and acts only once it holds the lease
+        return None  # a standby keeps its cache warm and acts only once it holds the lease
     with metrics.RECONCILE_SECONDS.time():
         try:
             outcome = await OP.reconciler.reconcile(namespace, name)
@@ -153,26 +153,30 @@ async def _reconcile(namespace: str, name: str) -> None:
             raise
     metrics.RECONCILES.inc()
     md = OP.cache.get(api.KIND, namespace, name)
-    if md is not None:
-        metrics.observe_status(md)
+    if md is None:
+        return GONE
+    metrics.observe_status(md)
     if outcome.requeue_after is not None:
         OP.queue.add((namespace, name), delay=outcome.requeue_after)
+    return None
 
 
-async def _reconcile_batch(namespace: str, name: str) -> None:
+async def _reconcile_batch(namespace: str, name: str) -> object:
     assert OP.batch is not None and OP.batch_queue is not None
     if not OP.leader:
-        return
+        return None
     try:
         again = await OP.batch.reconcile(namespace, name)
     except Exception:
         metrics.RECONCILE_ERRORS.inc()
         raise
     bi = OP.cache.get(bapi.KIND, namespace, name)
-    if bi is not None:
-        metrics.observe_batch(bi)
+    if bi is None:
+        return GONE
+    metrics.observe_batch(bi)
     if again is not None:
         OP.batch_queue.add((namespace, name), delay=again)
+    return None
 
 
 async def _resync() -> None:

@@ -12,6 +12,10 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 
+#: What a handler returns when the key's object does not exist: the queue forgets the key, as
+#: :meth:`WorkQueue.forget` does, instead of counting the run as a success of that object.
+GONE = object()
+
 
 class Backoff:
     """Per-key exponential delay after failures, forgotten on success (client-go's
@@ -170,7 +174,7 @@ class WorkQueue:
             self._queued.discard(key)
             self._running.add(key)
             try:
-                await self._handler(*key)
+                result = await self._handler(*key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -189,7 +193,12 @@ class WorkQueue:
                 self.add(key, delay=delay)
             else:
                 self.backoff.forget(key)
-                self._succeeded.add(key)
+                if result is GONE:
+                    # A run for an object already deleted (its children's deletions wake it): remembered
+                    # as succeeded, the same name created again would skip the new lane.
+                    self._succeeded.discard(key)
+                else:
+                    self._succeeded.add(key)
             finally:
                 self._running.discard(key)
                 if new:
