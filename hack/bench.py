@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "operator")]
 
-from hack import localcluster, runtimeenv  # noqa: E402
+from hack import localcluster, procutil, runtimeenv  # noqa: E402
 from kube import Cluster  # noqa: E402
 from operator_proc import OperatorProcess, install_crd  # noqa: E402
 
@@ -434,16 +434,15 @@ class Bench:
 
     def _wait_available(self, ns: str, owner: str, timeout: float = 60) -> None:
         """Poll (outside any timed window) until ``owner``'s one Deployment is available."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def available() -> bool | None:
             listed = self.apps.list_namespaced_deployment(
                 ns, label_selector=f"modeldeploy.io/name={owner}", _preload_content=False
             )
             deps = json.loads(listed.data)["items"]
-            if deps and deployment_available(deps[0]):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"{ns}/{owner}: its Deployment not available within {timeout:.0f} s")
+            return True if deps and deployment_available(deps[0]) else None
+
+        procutil.poll(available, timeout=timeout, interval=0.02, what=f"{ns}/{owner}'s Deployment available")
 
     def burst(self, n: int, keep: bool = False) -> dict[str, Any]:
         """N ModelDeployments created at once (8 client threads) -> every one Ready. Also each one's own

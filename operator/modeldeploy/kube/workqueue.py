@@ -192,12 +192,12 @@ class WorkQueue:
                     )
                 self.add(key, delay=delay)
             else:
-                self.backoff.forget(key)
                 if result is GONE:
                     # A run for an object already deleted (its children's deletions wake it): remembered
                     # as succeeded, the same name created again would skip the new lane.
-                    self._succeeded.discard(key)
+                    self.forget(key)
                 else:
+                    self.backoff.forget(key)
                     self._succeeded.add(key)
             finally:
                 self._running.discard(key)
