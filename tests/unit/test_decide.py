@@ -101,6 +101,9 @@ def test_first_revision_is_recorded_and_created_at_full_size() -> None:
         (1, "Progressing", "2026-12-02T12:00:00Z")
     ]
     assert d.status.phase == "Pending" and d.status.ready == "0/2"
+    # The pods wanted: those of the Deployment this decision creates (not 0 until it is seen, which
+    # would take a second status write for the count alone).
+    assert (d.status.replicas, d.status.ready_replicas) == (2, 0)
     assert d.events == [("Normal", "Creating", "revision 1 created")]
     assert d.children is not None
     deps = [c for c in d.children if c["kind"] == "Deployment"]

@@ -249,6 +249,17 @@ def test_observe_a_template_the_controller_has_not_seen_is_not_updated() -> None
     assert obs.updated == 0
 
 
+def test_observe_a_new_deployment_without_status_vouches_for_no_ready_pod() -> None:
+    # Created a moment ago: kwok made its pod ready before the controller's first status write. Until
+    # that write nothing says the pod is of the current template, so none counts; the ready count then
+    # comes with the promotion in one status write instead of one write each.
+    new = {"metadata": {"name": "d", "generation": 1}, "spec": {"replicas": 1}, "status": {}}
+    assert observe_revision(new, [pod("a")]) == rollout.RevisionObservation(desired=1, ready=0, updated=0)
+    # Once it has looked (generation 1 seen, no older pod), the pods count at once.
+    new["status"] = {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1}
+    assert observe_revision(new, [pod("a")]) == rollout.RevisionObservation(desired=1, ready=1, updated=1)
+
+
 def test_observe_ignores_terminating_pods() -> None:
     obs = observe_revision(dep(2, ready=2, updated=2), [pod("a"), pod("b", deleting=True)])
     assert obs.ready == 1
@@ -425,7 +436,7 @@ def test_cache_keeps_of_a_pod_what_the_reconcile_reads() -> None:
     assert set(slimmed["metadata"]) == {"name", "namespace", "uid", "resourceVersion", "labels"}
     assert set(slimmed["status"]) == {"phase", "podIP", "conditions", "containerStatuses"}
     # What observe_revision derives is the same from the slim copy as from the whole Pod.
-    dep = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 1}}
+    dep = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1}}
     assert observe_revision(dep, [slimmed]) == observe_revision(dep, [pod])
     assert observe_revision(dep, [slimmed]).ready == 1
     pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"

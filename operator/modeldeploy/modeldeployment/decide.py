@@ -371,7 +371,7 @@ def status_of(
     st.phase, st.message = phase, message
     st.observed_generation = obs.generation
     st.strategy = spec.rollout.strategy.value
-    st.replicas = sum(o.desired for o in revs.values())
+    st.replicas = _desired_pods(obs, spec, state, revs, history, total)
     st.ready_replicas = sum(o.ready for o in revs.values())
     st.ready = f"{serving_obs.ready}/{total}"
     owner = obs.owner
@@ -391,6 +391,27 @@ def status_of(
 
 
 _COMPONENT = "app.kubernetes.io/component"
+
+
+def _desired_pods(
+    obs: Observation,
+    spec: api.ModelDeploymentSpec,
+    state: api.RolloutState,
+    revs: Mapping[int, rollout.RevisionObservation],
+    history: list[api.RevisionRecord],
+    total: int,
+) -> int:
+    """Pods wanted across the live revisions: each Deployment's spec.replicas, and for a Deployment this
+    reconcile creates, the replicas it is created with (a new ModelDeployment's first status says 1 of 1,
+    not 0 and then 1 in a second write once the Deployment is seen)."""
+    strategy = spec.rollout.strategy
+    applying = rollout.replicas_for(state, strategy, total)
+    hashes = {r.revision: r.hash for r in history}
+    out = 0
+    for number, seen in revs.items():
+        name = builders.deployment_name(obs.owner, hashes[number], strategy) if number in hashes else None
+        out += seen.desired if name is None or name in obs.deployments else applying.get(number, 0)
+    return out
 
 
 def _was_ready(old: api.ModelDeploymentStatus) -> bool:

@@ -107,10 +107,12 @@ def observe_revision(
         # after an API server restart on a busy machine by over a minute (a rollout step stood still).
         return rollout.RevisionObservation(desired=desired, ready=ready, updated=live, failure=failure)
     # Pods of an older template may still be among them (or the new one is not seen yet): only the
-    # Deployment controller can tell them apart.
+    # Deployment controller can tell them apart. Its status omits a zero readyReplicas; a Deployment it
+    # has not written a status for yet (created a moment ago; kwok can make the pod ready first) has none
+    # it vouches for either, and counts ready once it has (with the promotion, in the same status write).
     return rollout.RevisionObservation(
         desired=desired,
-        ready=min(ready, dstatus.get("readyReplicas", ready)),
+        ready=min(ready, dstatus.get("readyReplicas", 0)),
         updated=dstatus.get("updatedReplicas", 0) if generation_seen else 0,
         failure=failure,
     )
