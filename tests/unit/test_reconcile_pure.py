@@ -362,8 +362,8 @@ def test_cache_model_deployment_owns_itself_by_name() -> None:
 
 def test_cache_newer_replaces_older() -> None:
     cache = Cache()
-    cache.put(obj("Deployment", "a", 5, spec={"v": 1}))
-    cache.put(obj("Deployment", "a", 6, spec={"v": 2}))
+    assert cache.put(obj("Deployment", "a", 5, spec={"v": 1}))
+    assert cache.put(obj("Deployment", "a", 6, spec={"v": 2}))
     got = cache.get("Deployment", "ns", "a")
     assert got is not None and got["spec"] == {"v": 2}
 
@@ -371,9 +371,39 @@ def test_cache_newer_replaces_older() -> None:
 def test_cache_ignores_a_stale_resource_version() -> None:
     cache = Cache()
     cache.put(obj("Deployment", "a", 10, spec={"v": "new"}))
-    cache.put(obj("Deployment", "a", 9, spec={"v": "old"}))  # an older watch event after our write's response
+    # an older watch event after our write's response
+    assert not cache.put(obj("Deployment", "a", 9, spec={"v": "old"}))
     got = cache.get("Deployment", "ns", "a")
     assert got is not None and got["spec"] == {"v": "new"}
+
+
+def test_cache_reports_the_echo_of_a_version_it_holds_as_no_change() -> None:
+    # The watch brings back our own write after its response went into the cache: nothing changed, and
+    # the caller (the child watch handler) wakes no reconcile for it.
+    cache = Cache()
+    assert cache.put(obj("Service", "a", 7, spec={"v": 1}))
+    held = cache.get("Service", "ns", "a")
+    assert not cache.put(obj("Service", "a", 7, spec={"v": 1}))
+    assert cache.get("Service", "ns", "a") is held
+    # Objects without a resourceVersion (never from the API server) always replace.
+    assert cache.put(obj("Service", "b", 0, spec={"v": 1}))
+    assert cache.put(obj("Service", "b", 0, spec={"v": 2}))
+
+
+def test_cache_note_lasts_as_long_as_the_version_it_was_made_on() -> None:
+    cache = Cache()
+    cache.note("Service", "ns", "a", "intent-1")  # nothing held: nothing to note
+    assert cache.noted("Service", "ns", "a") is None
+    cache.put(obj("Service", "a", 7))
+    cache.note("Service", "ns", "a", "intent-1")
+    assert not cache.put(obj("Service", "a", 7))  # the echo: the same version, the note stays
+    assert cache.noted("Service", "ns", "a") == "intent-1"
+    cache.put(obj("Service", "a", 8))  # someone else's edit
+    assert cache.noted("Service", "ns", "a") is None
+    cache.note("Service", "ns", "a", "intent-1")
+    cache.delete("Service", "ns", "a")
+    cache.put(obj("Service", "a", 9))  # created again
+    assert cache.noted("Service", "ns", "a") is None
 
 
 def test_cache_delete() -> None:

@@ -89,6 +89,8 @@ class Cache:
     def __init__(self) -> None:
         self._objs: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._by_owner: dict[tuple[str, str, str], set[str]] = {}
+        #: A fact about the version held now (see :meth:`note`), forgotten with that version.
+        self._notes: dict[tuple[str, str, str], str] = {}
 
     @staticmethod
     def _owner(obj: dict[str, Any]) -> str:
@@ -101,25 +103,41 @@ class Cache:
             return f"BatchInference/{labels[api.LABEL_BATCH]}"
         return str(labels.get(api.LABEL_NAME, ""))
 
-    def put(self, obj: dict[str, Any]) -> None:
+    def put(self, obj: dict[str, Any]) -> bool:
+        """Keep ``obj``; False (and nothing changes) when the cache already holds this version of it or a
+        newer one: the watch's echo of our own write, whose response was put first, or an older event
+        arriving after that response."""
         meta = obj["metadata"]
         key = (obj["kind"], meta.get("namespace", ""), meta["name"])
         old = self._objs.get(key)
-        if old is not None and _rv(old) > _rv(obj):
-            return  # an older event arriving after our own write's response
+        if old is not None and (_rv(old) > _rv(obj) or _rv(old) == _rv(obj) > 0):
+            return False
         if old is not None:
             self._by_owner.get((key[0], key[1], self._owner(old)), set()).discard(key[2])
+            self._notes.pop(key, None)
         obj = slim(obj)
         self._objs[key] = obj
         self._by_owner.setdefault((key[0], key[1], self._owner(obj)), set()).add(key[2])
+        return True
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
+        self._notes.pop((kind, namespace, name), None)
         old = self._objs.pop((kind, namespace, name), None)
         if old is not None:
             self._by_owner.get((kind, namespace, self._owner(old)), set()).discard(name)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self._objs.get((kind, namespace, name))
+
+    def note(self, kind: str, namespace: str, name: str, fact: str) -> None:
+        """Remember one fact about the version of the object held now (a reconcile's: "this version has
+        every field of intent X", so the next one need not compare them again); it is forgotten as soon
+        as another version is put, or the object deleted."""
+        if (kind, namespace, name) in self._objs:
+            self._notes[(kind, namespace, name)] = fact
+
+    def noted(self, kind: str, namespace: str, name: str) -> str | None:
+        return self._notes.get((kind, namespace, name))
 
     def owned(self, kind: str, namespace: str, owner: str) -> list[dict[str, Any]]:
         names = self._by_owner.get((kind, namespace, owner), set())
