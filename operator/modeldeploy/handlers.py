@@ -210,6 +210,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # idle this long (default 5 s): in a burst, thousands of full bodies at once. 400 ModelDeployments
     # at once: operator peak RSS 111 -> 99 MiB, CPU and time unchanged within noise.
     settings.queueing.idle_timeout = 0.5
+    select_children_on_the_server(settings)
     if os.environ.get("MODELDEPLOY_DISABLE_CLUSTER_SCANNING", "").lower() in ("1", "true", "yes"):
         settings.scanning.disabled = True  # namespaced RBAC: no namespace listing, no CRD watch
     OP.kube = Kube(await _login(settings), relogin=lambda: _login(settings))
@@ -265,6 +266,20 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         OP.election_task = asyncio.create_task(elector.run())
     OP.resync_task = asyncio.create_task(_resync())
     metrics.start_server()
+
+
+def select_children_on_the_server(settings: kopf.OperatorSettings) -> None:
+    """The child watches ask the API server for our objects only. A handler's ``labels=`` filter is
+    applied by kopf after each event arrived: every Pod, Service and ConfigMap of a served namespace,
+    other teams' included, would be sent, decoded and dropped."""
+    selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
+    for group, version, plural in CHILD_RESOURCES:
+        settings.watching.label_selectors[_where(group, version, plural)] = selector
+
+
+def _where(group: str, version: str, plural: str) -> tuple[str, ...]:
+    """A child resource as kopf's handler and selector keys name it."""
+    return (group, version, plural) if group else (version, plural)
 
 
 def _became_leader() -> None:
@@ -374,8 +389,7 @@ def _register_child(group: str, version: str, plural: str) -> None:
         if batch and OP.batch_queue is not None:
             OP.batch_queue.add((namespace, batch))
 
-    where = (group, version, plural) if group else (version, plural)
-    kopf.on.event(*where, labels=MANAGED, id=f"watch-{plural}")(child_event)
+    kopf.on.event(*_where(group, version, plural), labels=MANAGED, id=f"watch-{plural}")(child_event)
 
 
 for _group, _version, _plural in CHILD_RESOURCES:

@@ -130,3 +130,21 @@ def test_the_cache_takes_the_deepest_object_the_api_server_accepts() -> None:
     body = {"metadata": {"name": "m", "namespace": "ns"}, "spec": {"server": {"affinity": deep}}}
     obj = cached(body, "ModelDeployment")
     assert obj["spec"]["server"]["affinity"] == deep
+
+
+def test_the_child_watches_ask_the_api_server_for_our_objects_only() -> None:
+    import kopf
+    from kopf import Resource
+
+    from modeldeploy import api
+    from modeldeploy.handlers import CHILD_RESOURCES, select_children_on_the_server
+
+    settings = kopf.OperatorSettings()
+    select_children_on_the_server(settings)
+    ours = f"app.kubernetes.io/managed-by={api.MANAGER}"
+    for group, version, plural in CHILD_RESOURCES:
+        resource = Resource(group, version, plural, namespaced=True)
+        assert settings.watching.label_selectors.collect(resource) == [ours], plural
+    # Not the ModelDeployments themselves (nobody labels them), nor anything else kopf watches.
+    for group, version, plural in [(api.GROUP, api.VERSION, api.PLURAL), ("", "v1", "namespaces")]:
+        assert settings.watching.label_selectors.collect(Resource(group, version, plural)) == []
