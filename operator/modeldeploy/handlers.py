@@ -277,7 +277,7 @@ def select_children_on_the_server(settings: kopf.OperatorSettings) -> None:
         settings.watching.label_selectors[_where(group, version, plural)] = selector
 
 
-def _where(group: str, version: str, plural: str) -> tuple[str, ...]:
+def _where(group: str, version: str, plural: str) -> tuple[str, str] | tuple[str, str, str]:
     """A child resource as kopf's handler and selector keys name it."""
     return (group, version, plural) if group else (version, plural)
 

@@ -466,7 +466,10 @@ def test_cache_keeps_of_a_pod_what_the_reconcile_reads() -> None:
     assert set(slimmed["metadata"]) == {"name", "namespace", "uid", "resourceVersion", "labels"}
     assert set(slimmed["status"]) == {"phase", "podIP", "conditions", "containerStatuses"}
     # What observe_revision derives is the same from the slim copy as from the whole Pod.
-    dep = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1}}
+    dep = {
+        "metadata": {"generation": 1},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1},
+    }
     assert observe_revision(dep, [slimmed]) == observe_revision(dep, [pod])
     assert observe_revision(dep, [slimmed]).ready == 1
     pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
