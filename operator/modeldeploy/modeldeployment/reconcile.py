@@ -265,14 +265,14 @@ class Reconciler:
                 continue
             # The namespace was primed (listed) before its first reconcile, and every write's response
             # goes into the cache: a miss means the child does not exist (or lacks our labels).
-            live = self.cache.get(obj["kind"], ns, obj["metadata"]["name"])
+            live = self.cache.get(key[0], ns, key[1])
             # A version found to hold this intent keeps holding it: another's edit makes a new version.
-            if live is not None and self.cache.noted(obj["kind"], ns, obj["metadata"]["name"]) == intent:
+            if live is not None and self.cache.noted(key[0], ns, key[1]) == intent:
                 continue
             if needs_apply(live, obj):
                 todo.append((obj, live))
             elif live is not None:
-                self.cache.note(obj["kind"], ns, obj["metadata"]["name"], intent)
+                self.cache.note(key[0], ns, key[1], intent)
         first = [t for t in todo if t[0]["kind"] in _FIRST_KINDS]
         for wave in (first, [t for t in todo if t[0]["kind"] not in _FIRST_KINDS]):
             if not await self._apply_wave(obs, wave, rejected):
