@@ -37,6 +37,7 @@ FILES = 4
 #: every 1000th record, malformed in one of three ways
 BAD = {i for i in range(RECORDS) if i % 1000 == 500}
 GROUP, VERSION, PLURAL = "modeldeploy.io", "v1alpha1", "batchinferences"
+FAILURE_COUNT = "batch.kubernetes.io/job-index-failure-count"
 
 
 def records(n: int, bad: set[int], seed: int = 11) -> tuple[list[bytes], np.ndarray]:
@@ -141,6 +142,31 @@ def describe(cluster: Cluster, ns: str) -> str:
         "logs", "-n", ns, "-l", "modeldeploy.io/batch", "-c", "worker", "--tail=20", check=False
     )
     return f"\n{pods}\n{events[-3000:]}\n{logs.stdout[-3000:]}{logs.stderr[-500:]}"
+
+
+def pod_lines(pods: list[Any]) -> str:
+    """One line per pod: its phase and reason, failure count, and each init container's state."""
+    out = []
+    for p in sorted(pods, key=lambda p: p.metadata.creation_timestamp):
+        states = []
+        for cs in p.status.init_container_statuses or []:
+            t = cs.state.terminated if cs.state else None
+            states.append(
+                f"{cs.name}="
+                + (
+                    f"exit {t.exit_code} {t.reason} {(t.message or '')[-200:]!r}"
+                    if t
+                    else "running"
+                    if cs.state and cs.state.running
+                    else "waiting"
+                )
+            )
+        failures = (p.metadata.annotations or {}).get(FAILURE_COUNT)
+        out.append(
+            f"{p.metadata.name} created {p.metadata.creation_timestamp:%H:%M:%S} phase {p.status.phase} "
+            f"reason {p.status.reason} {p.status.message or ''} failures {failures} [{', '.join(states)}]"
+        )
+    return "\n".join(out)
 
 
 def direct_answers(cluster: Cluster, ns: str, s3: tuple[Any, Any], xs: np.ndarray, work: Path) -> np.ndarray:
@@ -311,9 +337,29 @@ def test_npy_arrays_are_scored_and_bad_jobs_fail_with_their_reason(
     assert alien["phase"] == "Failed" and reason == "SchemaMismatch", alien
     assert "X (TYPE_FP32, dims [4])" in alien["message"]
     assert not list(obstore.list(store(server, key, "alien/out")).collect()), "nothing scored or written"
-    # stopped by the preflight (the spec carries the model's config): no model staged, no Triton started
-    [pod] = cluster.core.list_namespaced_pod(ns, label_selector="modeldeploy.io/batch=alien").items
-    states = {c.name: c.state for c in pod.status.init_container_statuses or []}
-    assert states["preflight"].terminated and states["preflight"].terminated.exit_code == 2, states
-    assert not states["stage-model"].running and not states["stage-model"].terminated, states
-    assert not states["triton"].running and not states["triton"].terminated, states
+    # stopped by the preflight (the spec carries the model's config): no model staged, no Triton
+    # started, in any pod; the pod whose preflight said so is the Job's last (exit 2 fails the Job,
+    # no retry). A pod before it can only have ended for another reason (the kubelet refused or
+    # evicted it, the storage was unreachable: the Job retries those); it is named in the figures.
+    pods = sorted(
+        cluster.core.list_namespaced_pod(ns, label_selector="modeldeploy.io/batch=alien").items,
+        # a replacement's failure count is its predecessor's plus one (seconds tie)
+        key=lambda p: (
+            int((p.metadata.annotations or {}).get(FAILURE_COUNT, 0)),
+            p.metadata.creation_timestamp,
+        ),
+    )
+    listing = f"{pod_lines(pods)}\n{describe(cluster, ns)}"
+    inits = [{c.name: c.state for c in p.status.init_container_statuses or []} for p in pods]
+    verdicts = [
+        i
+        for i, s in enumerate(inits)
+        if "preflight" in s and s["preflight"].terminated and s["preflight"].terminated.exit_code == 2
+    ]
+    assert verdicts == [len(pods) - 1], f"one preflight verdict, by the last pod:\n{listing}"
+    for i, states in enumerate(inits):
+        for later in ("stage-model", "triton"):
+            state = states.get(later) if i < len(pods) - 1 else states[later]
+            assert state is None or not (state.running or state.terminated), f"{later} ran:\n{listing}"
+    if len(pods) > 1:
+        figure("batch: the alien job's pods before its verdict", pod_lines(pods[:-1]))

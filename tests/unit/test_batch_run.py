@@ -6,6 +6,7 @@ worker uses of its Triton client (the tier with a real Triton is tests/triton)."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -177,3 +178,29 @@ def test_a_shard_failing_every_try_is_named_in_the_report() -> None:
     assert report.failed_shards == [0]
     assert json.loads(report.dump())["failed_shards"] == [0]
     assert "failed_shards" not in json.loads(run.Report(1).dump())
+
+
+def test_a_preflight_that_cannot_reach_storage_says_why_and_asks_to_be_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage unreachable past the client's retries is no verdict on the job: the preflight exits 1
+    (the Job starts the index again; 2 and 3 fail the Job) with the reason in its termination message,
+    not a traceback."""
+
+    async def unreachable(**_: Any) -> list[shards.Shard]:
+        raise ConnectionError("connection refused by 10.0.0.1:9000")
+
+    monkeypatch.setattr(run, "preflight", unreachable)
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    log = tmp_path / "termination-log"
+    args = parser.parse_args(
+        [
+            *("--check", "--input=s3://in/x", "--output=s3://out/y", "--shard-bytes=100", "--workers=1"),
+            *("--model=-", "--version=-", "--progress-port=0", f"--termination-log={log}"),
+        ]
+    )
+    assert run.main(args) == 1
+    report = json.loads(log.read_text())
+    assert report["reason"] == "PreflightError"
+    assert "ConnectionError: connection refused" in report["message"]

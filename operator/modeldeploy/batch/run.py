@@ -487,6 +487,9 @@ def main(args: argparse.Namespace) -> int:
         except Stop as exc:
             report.reason, report.message = exc.reason, scrub(str(exc))
             return finish(exc.code)
+        except Exception as exc:  # storage gone for a while: said like the worker's, and tried again
+            report.reason, report.message = "PreflightError", scrub(f"{type(exc).__name__}: {exc}")
+            return finish(1)
         return finish(0)
 
     async def go() -> list[worker.ShardOutcome]:
