@@ -144,10 +144,23 @@ def describe(cluster: Cluster, ns: str) -> str:
     return f"\n{pods}\n{events[-3000:]}\n{logs.stdout[-3000:]}{logs.stderr[-500:]}"
 
 
+def in_job_order(pods: list[Any]) -> list[Any]:
+    """A Job's pods of one index, first to last: a replacement's failure count is its predecessor's
+    plus one (creation times, in seconds, tie)."""
+    return sorted(
+        pods,
+        key=lambda p: (
+            int((p.metadata.annotations or {}).get(FAILURE_COUNT, 0)),
+            p.metadata.creation_timestamp,
+        ),
+    )
+
+
 def pod_lines(pods: list[Any]) -> str:
-    """One line per pod: its phase and reason, failure count, and each init container's state."""
+    """One line per pod, in the order given: its phase and reason, failure count, and each init
+    container's state."""
     out = []
-    for p in sorted(pods, key=lambda p: p.metadata.creation_timestamp):
+    for p in pods:
         states = []
         for cs in p.status.init_container_statuses or []:
             t = cs.state.terminated if cs.state else None
@@ -341,13 +354,8 @@ def test_npy_arrays_are_scored_and_bad_jobs_fail_with_their_reason(
     # started, in any pod; the pod whose preflight said so is the Job's last (exit 2 fails the Job,
     # no retry). A pod before it can only have ended for another reason (the kubelet refused or
     # evicted it, the storage was unreachable: the Job retries those); it is named in the figures.
-    pods = sorted(
-        cluster.core.list_namespaced_pod(ns, label_selector="modeldeploy.io/batch=alien").items,
-        # a replacement's failure count is its predecessor's plus one (seconds tie)
-        key=lambda p: (
-            int((p.metadata.annotations or {}).get(FAILURE_COUNT, 0)),
-            p.metadata.creation_timestamp,
-        ),
+    pods = in_job_order(
+        cluster.core.list_namespaced_pod(ns, label_selector="modeldeploy.io/batch=alien").items
     )
     listing = f"{pod_lines(pods)}\n{describe(cluster, ns)}"
     inits = [{c.name: c.state for c in p.status.init_container_statuses or []} for p in pods]

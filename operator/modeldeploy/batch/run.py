@@ -458,6 +458,15 @@ def main(args: argparse.Namespace) -> int:
             args.termination_log.write_text(line)
         return code
 
+    def ended(exc: Exception, unexpected: str) -> int:
+        """What ended the run into the report; the exit code: a Stop's own, 1 for anything else
+        (storage or Triton gone for a while: the Job tries the pod again)."""
+        if isinstance(exc, Stop):
+            report.reason, report.message = exc.reason, scrub(str(exc))
+            return exc.code
+        report.reason, report.message = unexpected, scrub(f"{type(exc).__name__}: {exc}")
+        return 1
+
     try:
         source = staging.open_store(args.input, source_settings).store
         sink = staging.open_store(args.output, sink_settings).store
@@ -484,12 +493,8 @@ def main(args: argparse.Namespace) -> int:
 
         try:
             asyncio.run(check())
-        except Stop as exc:
-            report.reason, report.message = exc.reason, scrub(str(exc))
-            return finish(exc.code)
-        except Exception as exc:  # storage gone for a while: said like the worker's, and tried again
-            report.reason, report.message = "PreflightError", scrub(f"{type(exc).__name__}: {exc}")
-            return finish(1)
+        except Exception as exc:
+            return finish(ended(exc, "PreflightError"))
         return finish(0)
 
     async def go() -> list[worker.ShardOutcome]:
@@ -523,9 +528,7 @@ def main(args: argparse.Namespace) -> int:
     code = 0
     try:
         asyncio.run(go())
-    except Stop as exc:
-        report.reason, report.message, code = exc.reason, scrub(str(exc)), exc.code
     except Exception as exc:
-        report.reason, report.message, code = "WorkerError", scrub(f"{type(exc).__name__}: {exc}"), 1
+        code = ended(exc, "WorkerError")
     report.seconds = round(time.monotonic() - t0, 3)
     return finish(code)
